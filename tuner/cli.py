@@ -1,0 +1,175 @@
+"""The `tuner` command. Each command is a few lines calling the library; errors become one line, no traceback.
+
+tuner grid lr-batch --epochs 1 --subset 2000     # a quick run of the document's first grid
+tuner report lr-batch                             # its tables beside the document's
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import sys
+import warnings
+
+import click
+
+# Before TensorFlow is first imported (lazily, inside the commands that train): keep its start-up log quiet.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+
+from tuner.errors import TunerError  # noqa: E402
+
+
+class TunerGroup(click.Group):
+    """Turns library errors into `error: ...` on one line, and Ctrl-C into a clean exit."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except TunerError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted: the running trial was handed back; run the same command to resume", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=TunerGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="tuner", message="tuner %(version)s")
+def cli() -> None:
+    """Hyperparameter tuning for Keras recurrent networks on MNIST, on Optuna.
+
+    Every study lives in a database: an embedded SQLite file tuner.db in the working directory by default,
+    PostgreSQL or MySQL (--storage or TUNER_STORAGE) when many workers share one study.
+    """
+
+
+def storage_option(f):
+    return click.option(
+        "--storage",
+        envvar="TUNER_STORAGE",
+        metavar="URL",
+        default=None,
+        show_envvar=True,
+        help="Database URL, e.g. sqlite:///tuner.db (the default), postgresql+psycopg://user@host/db or "
+        "mysql+pymysql://user@host/db. A password can instead come from TUNER_DB_PASSWORD or the file named by "
+        "TUNER_DB_PASSWORD_FILE; it is never printed.",
+    )(f)
+
+
+def run_options(f):
+    options = [
+        click.option(
+            "--study-name",
+            metavar="NAME",
+            help="Study to create or resume. Default: the study file's "
+            "name, plus any of epochs/subset/seed/data that differ from the file (e.g. "
+            "lr-batch-epochs1-subset2000), so a quick run never mixes with a full one.",
+        ),
+        click.option("--epochs", type=click.IntRange(min=1), help="Epochs per trial (the document used 5)."),
+        click.option(
+            "--subset",
+            type=click.IntRange(min=10),
+            metavar="N",
+            help="Train on N stratified training images (the test set stays whole): for quick runs.",
+        ),
+        click.option("--seed", type=int, help="Seed for weight init, shuffling and the sampler. Default: 0."),
+        click.option(
+            "--data",
+            type=click.Path(dir_okay=False),
+            metavar="PATH",
+            help="An .npz with x_train, y_train, x_test, y_test (28x28 images, labels 0..9), e.g. "
+            "Fashion-MNIST. Default: the MNIST bundled with tuner.",
+        ),
+        click.option(
+            "--heartbeat",
+            type=click.IntRange(min=1),
+            default=10,
+            show_default=True,
+            metavar="SECONDS",
+            help="Heartbeat interval. A trial silent for 3 intervals is taken as dead and re-run.",
+        ),
+        storage_option,
+    ]
+    return functools.reduce(lambda g, option: option(g), reversed(options), f)
+
+
+def _sigterm_as_interrupt() -> None:
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+@cli.command()
+@click.argument("study_file", metavar="GRID")
+@run_options
+def grid(study_file: str, **options) -> None:
+    """Run one of the document's grids (or any grid study file) as an Optuna GridSampler study.
+
+    GRID is a shipped grid (lr-batch, lr-units, lstm-optimizer, cell-type) or a path to a .toml study file.
+    Running the same command again resumes: finished cells are not retrained. Start the same command on
+    several machines against one database and they share the cells, each trained exactly once.
+    """
+    from tuner import runner
+
+    _sigterm_as_interrupt()
+    runner.run_study(study_file, kind="grid", **options)
+
+
+@cli.command()
+@click.argument("names", nargs=-1, required=True, metavar="STUDY [STUDY...]")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "markdown", "csv", "json"]),
+    default="table",
+    show_default=True,
+    help="table for the terminal, markdown to paste into a README, csv or json.",
+)
+@click.option(
+    "--train",
+    "figure",
+    type=click.Choice(["last_batch", "mean"]),
+    default=None,
+    help="Train columns: accuracy on each epoch's last mini-batch (how the document measured its "
+    "SimpleRNN tables) or the epoch mean (the sound figure). Default: the document's way.",
+)
+@click.option("--output", "-o", type=click.Path(dir_okay=False, writable=True), help="Write to a file.")
+@storage_option
+def report(names: tuple[str, ...], fmt: str, figure: str | None, output: str | None, storage: str | None) -> None:
+    """Rebuild a study's tables from the database, beside the document's numbers, with a verdict on each claim.
+
+    Several studies of the same grid (for example one per seed) are combined: each cell shows the mean, and
+    the spread (max - min) across runs.
+    """
+    from tuner import runner
+
+    text = runner.report(list(names), fmt=fmt, figure=figure, storage=storage)
+    if output:
+        with open(output, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        click.echo(f"wrote {output}", err=True)
+    else:
+        click.echo(text, nl=False)
+
+
+@cli.command()
+@storage_option
+def studies(storage: str | None) -> None:
+    """List the studies in the database: trials by state, best value, and the workers that ran them."""
+    from tuner import runner
+
+    click.echo(runner.studies(storage), nl=False)
+
+
+def main() -> None:
+    # Optuna flags heartbeats and the retry callback as experimental, and warns that heartbeats are meant for
+    # study.optimize; tuner's own worker loop drives them (tuner.study), so these warnings are noise to users.
+    warnings.filterwarnings("ignore", message=".*(experimental|Heartbeat of storage).*")
+    cli(prog_name="tuner")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""Build and train one Keras recurrent classifier. Knows nothing of Optuna: the objective wires the two.
+
+Every row of a 28x28 image is one time step of 28 features; one or more recurrent layers feed Dense(10).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from tuner.data import Splits
+
+CELLS = ("SimpleRNN", "LSTM", "GRU")
+OPTIMIZERS = ("adam", "rmsprop", "sgd", "nadam", "adamw")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What defines a model; every field is recorded with the trial."""
+
+    cell: str = "SimpleRNN"
+    units: int = 128
+    layers: int = 1
+    dropout: float = 0.0
+    optimizer: str = "adam"
+    learning_rate: float = 0.001
+    momentum: float = 0.9  # used by sgd only
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.cell not in CELLS:
+            problems.append(f"cell {self.cell!r} is not one of {', '.join(CELLS)}")
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        if not self.units >= 1:
+            problems.append(f"units must be >= 1, got {self.units}")
+        if not self.layers >= 1:
+            problems.append(f"layers must be >= 1, got {self.layers}")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.learning_rate > 0:
+            problems.append(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not 0.0 <= self.momentum < 1.0:
+            problems.append(f"momentum must be in [0, 1), got {self.momentum}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+@dataclass
+class EpochRecord:
+    epoch: int  # 1-based, as in the document's "Train 1 .. Train 5"
+    loss: float
+    accuracy: float  # mean over the epoch's batches (the sound figure)
+    last_batch_accuracy: float  # accuracy on the epoch's last mini-batch (the document's SimpleRNN figure)
+    seconds: float
+    val_loss: float | None = None
+    val_accuracy: float | None = None
+
+
+@dataclass
+class FitResult:
+    epochs: list[EpochRecord] = field(default_factory=list)
+    diverged: bool = False
+    test_loss: float | None = None
+    test_accuracy: float | None = None
+    fit_seconds: float = 0.0
+    eval_seconds: float = 0.0
+
+    def history(self) -> list[dict]:
+        return [asdict(e) for e in self.epochs]
+
+
+def build_model(config: ModelConfig, *, seed: int, input_shape: tuple[int, int] = (28, 28), n_classes: int = 10):
+    """A fresh compiled model. Clears the Keras session first so memory does not grow trial after trial."""
+    import keras
+
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(seed)
+    layer_cls = getattr(keras.layers, config.cell)
+    model = keras.Sequential(name=f"{config.cell.lower()}_{config.units}")
+    model.add(keras.Input(shape=input_shape))
+    for i in range(config.layers):
+        model.add(layer_cls(config.units, return_sequences=i < config.layers - 1, dropout=config.dropout))
+    model.add(keras.layers.Dense(n_classes, activation="softmax"))
+    model.compile(
+        optimizer=_optimizer(config),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    return model
+
+
+def _optimizer(config: ModelConfig):
+    import keras
+
+    lr = config.learning_rate
+    if config.optimizer == "sgd":
+        return keras.optimizers.SGD(learning_rate=lr, momentum=config.momentum)
+    return {
+        "adam": keras.optimizers.Adam,
+        "rmsprop": keras.optimizers.RMSprop,
+        "nadam": keras.optimizers.Nadam,
+        "adamw": keras.optimizers.AdamW,
+    }[config.optimizer](learning_rate=lr)
+
+
+def train(
+    model,
+    splits: Splits,
+    *,
+    batch_size: int,
+    epochs: int,
+    seed: int,
+    callbacks: Sequence = (),
+    stop_on_divergence: bool = False,
+    evaluate_test: bool = True,
+) -> FitResult:
+    """Fit for `epochs`, recording both per-epoch train figures, then (optionally) test accuracy.
+
+    `callbacks` run after the recorder, so a pruning callback sees the epoch's figures in `logs`.
+    With `stop_on_divergence`, a NaN or infinite loss stops training at that batch and marks the result
+    diverged instead of running to the last epoch.
+    """
+    import keras
+
+    keras.utils.set_random_seed(seed)  # the shuffling order of every epoch
+    result = FitResult()
+    recorder = _recorder_class()(result, batch_size=batch_size, n_train=len(splits.y_train), stop=stop_on_divergence)
+    validation = None if splits.x_val is None else (splits.x_val, splits.y_val)
+    start = time.perf_counter()
+    model.fit(
+        splits.x_train,
+        splits.y_train,
+        batch_size=batch_size,
+        epochs=epochs,
+        validation_data=validation,
+        shuffle=True,
+        verbose=0,
+        callbacks=[recorder, *callbacks],
+    )
+    result.fit_seconds = time.perf_counter() - start
+    if evaluate_test and not result.diverged:
+        start = time.perf_counter()
+        scores = model.evaluate(splits.x_test, splits.y_test, batch_size=1024, verbose=0, return_dict=True)
+        result.eval_seconds = time.perf_counter() - start
+        result.test_loss, result.test_accuracy = float(scores["loss"]), float(scores["accuracy"])
+    return result
+
+
+def evaluate(model, x: np.ndarray, y: np.ndarray) -> float:
+    """Accuracy of `model` on (x, y), read by metric name."""
+    return float(model.evaluate(x, y, batch_size=1024, verbose=0, return_dict=True)["accuracy"])
+
+
+@functools.cache
+def _recorder_class():
+    """The recorder callback, defined on first use so that importing this module does not start TensorFlow."""
+    import keras
+
+    class _Recorder(keras.callbacks.Callback):
+        """Records each epoch: both train figures, validation figures, wall time; flags divergence."""
+
+        def __init__(self, result: FitResult, *, batch_size: int, n_train: int, stop: bool) -> None:
+            super().__init__()
+            self.result, self.batch_size, self.n_train, self.stop = result, batch_size, n_train, stop
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.t0 = time.perf_counter()
+            self.seen = 0
+            self.correct = 0.0  # running count of correct predictions, recovered from the running mean
+            self.last_batch_accuracy = float("nan")
+
+        def on_train_batch_end(self, batch, logs=None):
+            logs = logs or {}
+            loss = logs.get("loss")
+            if self.stop and loss is not None and not math.isfinite(float(loss)):
+                self.result.diverged = True
+                self.model.stop_training = True
+            # Keras reports the epoch's running mean accuracy, weighted by samples: the last batch's own count of
+            # correct answers is the difference of two running totals (an integer, up to float rounding).
+            size = min(self.batch_size, self.n_train - batch * self.batch_size)
+            seen = self.seen + size
+            correct = float(logs.get("accuracy", 0.0)) * seen
+            self.last_batch_accuracy = round(correct - self.correct) / size
+            self.seen, self.correct = seen, correct
+
+        def on_epoch_end(self, epoch, logs=None):
+            figures = {k: float(v) for k, v in (logs or {}).items()}
+            self.result.epochs.append(
+                EpochRecord(
+                    epoch=epoch + 1,
+                    loss=figures.get("loss", float("nan")),
+                    accuracy=figures.get("accuracy", float("nan")),
+                    last_batch_accuracy=self.last_batch_accuracy,
+                    seconds=time.perf_counter() - self.t0,
+                    val_loss=figures.get("val_loss"),
+                    val_accuracy=figures.get("val_accuracy"),
+                )
+            )
+            if self.stop and not math.isfinite(figures.get("loss", 0.0)):
+                self.result.diverged = True
+                self.model.stop_training = True
+
+    return _Recorder

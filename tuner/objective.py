@@ -1,0 +1,113 @@
+"""The Optuna objective: a trial's parameters -> a Keras model trained on data loaded once -> metrics in the DB.
+
+Per-epoch validation (or, for the document's grids, training) accuracy is reported as the trial's intermediate
+values, through optuna-integration's Keras pruning callback; everything a report needs (both train figures per
+epoch, test accuracy, times, settings, versions, worker) goes into the trial's user attributes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import socket
+from collections.abc import Callable
+
+import keras
+import optuna
+from optuna_integration.keras import KerasPruningCallback
+
+from tuner import models
+from tuner.data import Splits
+from tuner.spec import StudySpec
+
+
+def suggest(trial: optuna.Trial, spec: StudySpec) -> dict:
+    """The trial's parameters: a grid cell (GridSampler) or a point of the search space."""
+    if spec.kind == "grid":
+        return {name: trial.suggest_categorical(name, values) for name, values in spec.grid.items()}
+    params = {}
+    for p in spec.space:
+        if p.type == "categorical":
+            params[p.name] = trial.suggest_categorical(p.name, list(p.choices))
+        elif p.type == "int":
+            params[p.name] = trial.suggest_int(p.name, int(p.low), int(p.high), log=p.log)
+        else:
+            params[p.name] = trial.suggest_float(p.name, p.low, p.high, log=p.log)
+    return params
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def versions() -> dict:
+    import tensorflow as tf
+
+    return {
+        "python": platform.python_version(),
+        "optuna": optuna.__version__,
+        "keras": keras.__version__,
+        "tensorflow": tf.__version__,
+        "numpy": __import__("numpy").__version__,
+    }
+
+
+def make_objective(spec: StudySpec, splits: Splits, *, on_epoch: Callable | None = None):
+    """The objective for `spec`, closing over data already in memory (never reloaded per trial)."""
+    monitor = "val_accuracy" if splits.x_val is not None else "accuracy"
+    fixed = {
+        "epochs": spec.epochs,
+        "seed": spec.seed,
+        "monitor": monitor,
+        "worker": worker_id(),
+        "versions": versions(),
+        **splits.describe(),
+    }
+
+    def objective(trial: optuna.Trial) -> float:
+        for key, value in fixed.items():
+            trial.set_user_attr(key, value)
+        params = suggest(trial, spec)
+        config = spec.model_config(params)
+        batch_size = int(params.get("batch_size", spec.batch_size))
+        trial.set_user_attr("model", {**config.__dict__, "batch_size": batch_size})
+        model = models.build_model(config, seed=spec.seed)
+        callbacks = [KerasPruningCallback(trial, monitor)]
+        if on_epoch is not None:
+            callbacks.append(_EpochHook(trial.number, params, spec.epochs, on_epoch))
+        result = models.train(
+            model,
+            splits,
+            batch_size=batch_size,
+            epochs=spec.epochs,
+            seed=spec.seed,
+            callbacks=callbacks,
+            stop_on_divergence=spec.kind == "search",
+            evaluate_test=True,
+        )
+        trial.set_user_attr("history", result.history())
+        trial.set_user_attr("fit_seconds", result.fit_seconds)
+        trial.set_user_attr("eval_seconds", result.eval_seconds)
+        trial.set_user_attr("test_accuracy", result.test_accuracy)
+        trial.set_user_attr("test_loss", result.test_loss)
+        trial.set_user_attr("diverged", result.diverged)
+        if result.diverged:
+            raise optuna.TrialPruned(f"diverged: loss became NaN or infinite in epoch {len(result.epochs)}")
+        if spec.kind == "grid":
+            return float(result.test_accuracy)  # the document's "Test" column
+        val = [e.val_accuracy for e in result.epochs if e.val_accuracy is not None and math.isfinite(e.val_accuracy)]
+        return float(val[-1])
+
+    return objective
+
+
+class _EpochHook(keras.callbacks.Callback):
+    """Tells the progress display that an epoch ended."""
+
+    def __init__(self, number: int, params: dict, epochs: int, hook: Callable) -> None:
+        super().__init__()
+        self.number, self.trial_params, self.epochs, self.hook = number, params, epochs, hook
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.hook(self.number, self.trial_params, epoch + 1, self.epochs, logs or {})
