@@ -118,6 +118,127 @@ def grid(study_file: str, **options) -> None:
     runner.run_study(study_file, kind="grid", **options)
 
 
+def artifacts_option(f):
+    return click.option(
+        "--artifacts", "artifacts_dir", envvar="TUNER_ARTIFACTS", metavar="DIR", show_envvar=True,
+        help="Where saved models go: an Optuna artifact store. Default: <database name>-artifacts/ beside a "
+        "SQLite file, else ./tuner-artifacts (workers on several machines need a folder they all share).",
+    )(f)  # fmt: skip
+
+
+@cli.command()
+@click.option(
+    "--study-file",
+    default="search",
+    show_default=True,
+    metavar="NAME|PATH",
+    help="The search space: a shipped search study or a .toml file with [search.*] tables.",
+)
+@click.option(
+    "--trials",
+    "n_trials",
+    type=click.IntRange(min=1),
+    default=200,
+    show_default=True,
+    help="Trials the study should hold in total (complete + pruned, plus those running). Rerunning "
+    "the same command continues up to this number; raise it to search further.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=1),
+    metavar="SECONDS",
+    help="Stop taking new trials after this long (the running trial finishes).",
+)
+@click.option(
+    "--sampler",
+    type=click.Choice(["tpe", "random", "gp", "cmaes"]),
+    help="tpe (default, seeded), random, gp (Gaussian process) or cmaes (spaces without categorical parameters only).",
+)
+@click.option(
+    "--pruner",
+    type=click.Choice(["hyperband", "successive-halving", "median", "none"]),
+    help="Stops hopeless trials on per-epoch validation accuracy. Default: hyperband.",
+)
+@click.option(
+    "--from",
+    "from_studies",
+    multiple=True,
+    metavar="STUDY",
+    help="Start from another study: its finished trials inside this space are copied when measured "
+    "the same way (validation accuracy, same data and epochs), else their best configurations are "
+    "queued to be measured here. Repeatable.",
+)
+@click.option(
+    "--from-top",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    help="With --from, how many of a differently measured study's best configurations to queue.",
+)
+@artifacts_option
+@run_options
+def search(study_file: str, **options) -> None:
+    """Search learning rate, batch size, units, cell, optimiser, layers and dropout, pruning bad trials.
+
+    Trials are chosen on validation accuracy (the last 10,000 training images); test accuracy is recorded
+    only to report. The best model so far is saved as an Optuna artifact. Resumable and shareable like the
+    grids: the same command on several machines against one database works on one study.
+    """
+    from tuner import runner
+
+    _sigterm_as_interrupt()
+    runner.run_study(study_file, kind="search", **options)
+
+
+@cli.command()
+@click.argument("name", metavar="STUDY")
+@artifacts_option
+@storage_option
+def best(name: str, artifacts_dir: str | None, storage: str | None) -> None:
+    """Show the best trial and load its saved model back to re-evaluate its test accuracy."""
+    from tuner import runner
+
+    click.echo(runner.best(name, storage=storage, artifacts_dir=artifacts_dir), nl=False)
+
+
+@cli.command()
+@click.argument("name", metavar="STUDY")
+@click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv", show_default=True)
+@click.option("--output", "-o", type=click.Path(dir_okay=False, writable=True), help="Write to a file.")
+@storage_option
+def export(name: str, fmt: str, output: str | None, storage: str | None) -> None:
+    """Export one row per trial: state, value, parameters, test accuracy, epochs, time, worker."""
+    from tuner import runner
+
+    _emit(runner.export(name, fmt=fmt, storage=storage), output)
+
+
+@cli.command()
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to bind. Keep 127.0.0.1 unless the dashboard must be reached from other machines.",
+)
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@artifacts_option
+@storage_option
+def dashboard(host: str, port: int, artifacts_dir: str | None, storage: str | None) -> None:
+    """Serve optuna-dashboard on the same database, to follow studies in a browser."""
+    from tuner import runner
+
+    runner.dashboard(storage=storage, host=host, port=port, artifacts_dir=artifacts_dir)
+
+
+def _emit(text: str, output: str | None) -> None:
+    if output:
+        with open(output, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        click.echo(f"wrote {output}", err=True)
+    else:
+        click.echo(text, nl=False)
+
+
 @cli.command()
 @click.argument("names", nargs=-1, required=True, metavar="STUDY [STUDY...]")
 @click.option(
@@ -137,22 +258,26 @@ def grid(study_file: str, **options) -> None:
     "SimpleRNN tables) or the epoch mean (the sound figure). Default: the document's way.",
 )
 @click.option("--output", "-o", type=click.Path(dir_okay=False, writable=True), help="Write to a file.")
+@click.option(
+    "--plots",
+    type=click.Path(file_okay=False),
+    metavar="DIR",
+    help="Also write optimisation history, parameter importances, intermediate values and parallel "
+    "coordinates (a Pareto front for two objectives) as PNG and HTML into DIR.",
+)
 @storage_option
-def report(names: tuple[str, ...], fmt: str, figure: str | None, output: str | None, storage: str | None) -> None:
+def report(
+    names: tuple[str, ...], fmt: str, figure: str | None, output: str | None, plots: str | None, storage: str | None
+) -> None:
     """Rebuild a study's tables from the database, beside the document's numbers, with a verdict on each claim.
 
-    Several studies of the same grid (for example one per seed) are combined: each cell shows the mean, and
-    the spread (max - min) across runs.
+    For a grid: the document's tables, ours beside them, and its claims judged. Several studies of the same
+    grid (for example one per seed) are combined: each cell shows the mean and the spread (max - min). For a
+    search: trials by state, compute saved by pruning, the best trials against the document's best.
     """
     from tuner import runner
 
-    text = runner.report(list(names), fmt=fmt, figure=figure, storage=storage)
-    if output:
-        with open(output, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        click.echo(f"wrote {output}", err=True)
-    else:
-        click.echo(text, nl=False)
+    _emit(runner.report(list(names), fmt=fmt, figure=figure, storage=storage, plots=plots), output)
 
 
 @cli.command()

@@ -119,31 +119,35 @@ def train(
     callbacks: Sequence = (),
     stop_on_divergence: bool = False,
     evaluate_test: bool = True,
+    result: FitResult | None = None,
 ) -> FitResult:
     """Fit for `epochs`, recording both per-epoch train figures, then (optionally) test accuracy.
 
     `callbacks` run after the recorder, so a pruning callback sees the epoch's figures in `logs`.
     With `stop_on_divergence`, a NaN or infinite loss stops training at that batch and marks the result
-    diverged instead of running to the last epoch.
+    diverged instead of running to the last epoch. Pass `result` to keep the epochs recorded so far when a
+    callback (a pruner) stops training by raising.
     """
     import keras
 
     keras.utils.set_random_seed(seed)  # the shuffling order of every epoch
-    result = FitResult()
+    result = FitResult() if result is None else result
     recorder = _recorder_class()(result, batch_size=batch_size, n_train=len(splits.y_train), stop=stop_on_divergence)
     validation = None if splits.x_val is None else (splits.x_val, splits.y_val)
     start = time.perf_counter()
-    model.fit(
-        splits.x_train,
-        splits.y_train,
-        batch_size=batch_size,
-        epochs=epochs,
-        validation_data=validation,
-        shuffle=True,
-        verbose=0,
-        callbacks=[recorder, *callbacks],
-    )
-    result.fit_seconds = time.perf_counter() - start
+    try:
+        model.fit(
+            splits.x_train,
+            splits.y_train,
+            batch_size=batch_size,
+            epochs=epochs,
+            validation_data=validation,
+            shuffle=True,
+            verbose=0,
+            callbacks=[recorder, *callbacks],
+        )
+    finally:
+        result.fit_seconds = time.perf_counter() - start
     if evaluate_test and not result.diverged:
         start = time.perf_counter()
         scores = model.evaluate(splits.x_test, splits.y_test, batch_size=1024, verbose=0, return_dict=True)

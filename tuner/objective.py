@@ -2,7 +2,8 @@
 
 Per-epoch validation (or, for the document's grids, training) accuracy is reported as the trial's intermediate
 values, through optuna-integration's Keras pruning callback; everything a report needs (both train figures per
-epoch, test accuracy, times, settings, versions, worker) goes into the trial's user attributes.
+epoch, test accuracy, times, settings, versions, worker) goes into the trial's user attributes. The search
+selects on validation accuracy; test accuracy is recorded to report, never returned to the sampler.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import keras
 import optuna
 from optuna_integration.keras import KerasPruningCallback
 
-from tuner import models
+from tuner import artifacts, models
 from tuner.data import Splits
 from tuner.spec import StudySpec
 
@@ -42,28 +43,21 @@ def worker_id() -> str:
 
 
 def versions() -> dict:
+    import numpy
     import tensorflow as tf
 
-    return {
-        "python": platform.python_version(),
-        "optuna": optuna.__version__,
-        "keras": keras.__version__,
-        "tensorflow": tf.__version__,
-        "numpy": __import__("numpy").__version__,
-    }
+    return {"python": platform.python_version(), "optuna": optuna.__version__, "keras": keras.__version__,
+            "tensorflow": tf.__version__, "numpy": numpy.__version__}  # fmt: skip
 
 
-def make_objective(spec: StudySpec, splits: Splits, *, on_epoch: Callable | None = None):
-    """The objective for `spec`, closing over data already in memory (never reloaded per trial)."""
+def make_objective(spec: StudySpec, splits: Splits, *, on_epoch: Callable | None = None, artifact_store=None):
+    """The objective for `spec`, closing over data already in memory (never reloaded per trial).
+
+    With an artifact store, a trial that beats the study's best so far saves its model there.
+    """
     monitor = "val_accuracy" if splits.x_val is not None else "accuracy"
-    fixed = {
-        "epochs": spec.epochs,
-        "seed": spec.seed,
-        "monitor": monitor,
-        "worker": worker_id(),
-        "versions": versions(),
-        **splits.describe(),
-    }
+    fixed = {"epochs": spec.epochs, "seed": spec.seed, "monitor": monitor, "worker": worker_id(),
+             "versions": versions(), **splits.describe()}  # fmt: skip
 
     def objective(trial: optuna.Trial) -> float:
         for key, value in fixed.items():
@@ -76,30 +70,42 @@ def make_objective(spec: StudySpec, splits: Splits, *, on_epoch: Callable | None
         callbacks = [KerasPruningCallback(trial, monitor)]
         if on_epoch is not None:
             callbacks.append(_EpochHook(trial.number, params, spec.epochs, on_epoch))
-        result = models.train(
-            model,
-            splits,
-            batch_size=batch_size,
-            epochs=spec.epochs,
-            seed=spec.seed,
-            callbacks=callbacks,
-            stop_on_divergence=spec.kind == "search",
-            evaluate_test=True,
-        )
-        trial.set_user_attr("history", result.history())
-        trial.set_user_attr("fit_seconds", result.fit_seconds)
-        trial.set_user_attr("eval_seconds", result.eval_seconds)
-        trial.set_user_attr("test_accuracy", result.test_accuracy)
-        trial.set_user_attr("test_loss", result.test_loss)
-        trial.set_user_attr("diverged", result.diverged)
+        result = models.FitResult()
+        try:
+            models.train(model, splits, batch_size=batch_size, epochs=spec.epochs, seed=spec.seed,
+                         callbacks=callbacks, stop_on_divergence=spec.kind == "search", result=result)  # fmt: skip
+        finally:  # a pruned trial keeps the epochs it ran
+            _record(trial, result)
         if result.diverged:
             raise optuna.TrialPruned(f"diverged: loss became NaN or infinite in epoch {len(result.epochs)}")
         if spec.kind == "grid":
-            return float(result.test_accuracy)  # the document's "Test" column
-        val = [e.val_accuracy for e in result.epochs if e.val_accuracy is not None and math.isfinite(e.val_accuracy)]
-        return float(val[-1])
+            value = float(result.test_accuracy)  # the document's "Test" column
+        else:
+            value = float(result.epochs[-1].val_accuracy)
+            if not math.isfinite(value):
+                raise optuna.TrialPruned("validation accuracy is not a number")
+        if artifact_store is not None and _beats_best(trial, value):
+            artifacts.save_model(trial, model, artifact_store)
+        return value
 
     return objective
+
+
+def _record(trial: optuna.Trial, result: models.FitResult) -> None:
+    trial.set_user_attr("history", result.history())
+    trial.set_user_attr("epochs_run", len(result.epochs))
+    trial.set_user_attr("fit_seconds", result.fit_seconds)
+    trial.set_user_attr("eval_seconds", result.eval_seconds)
+    trial.set_user_attr("test_accuracy", result.test_accuracy)
+    trial.set_user_attr("test_loss", result.test_loss)
+    trial.set_user_attr("diverged", result.diverged)
+
+
+def _beats_best(trial: optuna.Trial, value: float) -> bool:
+    try:
+        return value > trial.study.best_value
+    except ValueError:  # no complete trial yet
+        return True
 
 
 class _EpochHook(keras.callbacks.Callback):

@@ -443,3 +443,143 @@ def studies_table(storage) -> str:
         )
     lines.extend(_grid(header, body, markdown=False))
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- searches
+
+DOCUMENT_BEST = 0.9787  # the document's best test accuracy: LSTM, 200 units, Adam, 5 epochs
+
+
+def _epochs_run(t) -> int:
+    return int(t.user_attrs.get("epochs_run", len(t.user_attrs.get("history", []))))
+
+
+def search_summary(spec: StudySpec, study) -> dict:
+    """Counts, compute spent and the best trials of a search, from the database."""
+    trials = study.get_trials(deepcopy=False)
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    complete = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value, reverse=True)
+    epochs = sum(_epochs_run(t) for t in finished)
+    return {
+        "study": study.study_name,
+        "trials": {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState},
+        "diverged": sum(bool(t.user_attrs.get("diverged")) for t in trials),
+        "copied": sum("copied_from" in t.user_attrs for t in trials),
+        "epochs_run": epochs,
+        "epochs_if_unpruned": len(finished) * spec.epochs,
+        "fit_hours": sum(float(t.user_attrs.get("fit_seconds") or 0) for t in finished) / 3600,
+        "top": [
+            {
+                "number": t.number,
+                "val_accuracy": t.value,
+                "test_accuracy": t.user_attrs.get("test_accuracy"),
+                "epochs": _epochs_run(t),
+                "params": t.params,
+            }
+            for t in complete[:10]
+        ],  # fmt: skip
+    }
+
+
+def render_search(spec: StudySpec, study, *, fmt: str = "table") -> str:
+    if len(study.directions) > 1:
+        return _render_pareto(study, fmt)
+    s = search_summary(spec, study)
+    if fmt == "json":
+        return json.dumps(s, indent=2, default=str)
+    if fmt == "csv":
+        return export(study, "csv")
+    md = fmt == "markdown"
+    t = s["trials"]
+    lines = [f"{'## ' if md else ''}Search {s['study']}: {spec.description}", ""]
+    lines.append(
+        f"Trials: {t['complete']} complete, {t['pruned']} pruned (of which {s['diverged']} diverged), "
+        f"{t['fail']} failed, {t['running']} running, {t['waiting']} queued; {s['copied']} copied from other studies."
+    )
+    saved = 1 - s["epochs_run"] / s["epochs_if_unpruned"] if s["epochs_if_unpruned"] else 0.0
+    lines.append(
+        f"Compute: {s['epochs_run']} epochs trained of {s['epochs_if_unpruned']} without pruning "
+        f"({saved:.0%} saved), {s['fit_hours']:.2f} h of training."
+    )
+    lines.append(
+        "Protocol: trials are chosen on validation accuracy (the last 10,000 training images, held out); "
+        "test accuracy is measured for the record only and never used to choose."
+    )
+    lines.append("")
+    if s["top"]:
+        best = s["top"][0]
+        test = best["test_accuracy"]
+        vs = (
+            ""
+            if test is None
+            else f"; test {test:.4f} against the document's best {DOCUMENT_BEST} ({test - DOCUMENT_BEST:+.4f})"
+        )
+        lines.append(f"Best: trial {best['number']}, validation {best['val_accuracy']:.4f}{vs}.")
+        lines.append("")
+        header = ["trial", "val acc", "test acc", "epochs", "params"]
+        body = [
+            [str(r["number"]), f"{r['val_accuracy']:.4f}", _f(r["test_accuracy"]), str(r["epochs"]),
+             " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["params"].items())]
+            for r in s["top"]
+        ]  # fmt: skip
+        lines.extend(_grid(header, body, md))
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _render_pareto(study, fmt: str) -> str:
+    front = sorted(study.best_trials, key=lambda t: t.values[0], reverse=True)
+    rows = [{"number": t.number, "values": t.values, "params": t.params} for t in front]
+    if fmt == "json":
+        return json.dumps({"study": study.study_name, "pareto_front": rows}, indent=2, default=str)
+    header = ["trial", *[f"objective {i}" for i in range(len(study.directions))], "params"]
+    body = [[str(r["number"]), *[f"{v:.4f}" for v in r["values"]],
+             " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["params"].items())]
+            for r in rows]  # fmt: skip
+    return "\n".join([f"Pareto front of {study.study_name} ({len(rows)} trials):", ""]
+                     + _grid(header, body, fmt == "markdown")) + "\n"  # fmt: skip
+
+
+EXPORT_ATTRS = ("test_accuracy", "epochs_run", "fit_seconds", "diverged", "worker", "copied_from", "model_artifact")
+
+
+def export_rows(study) -> list[dict]:
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        row = {"number": t.number, "state": t.state.name.lower(),
+               "value": t.value if len(study.directions) == 1 else None,
+               "values": None if t.values is None or len(study.directions) == 1 else list(t.values)}  # fmt: skip
+        row.update({f"params_{k}": v for k, v in t.params.items()})
+        row.update({k: t.user_attrs.get(k) for k in EXPORT_ATTRS})
+        row["datetime_start"] = t.datetime_start.isoformat() if t.datetime_start else None
+        row["datetime_complete"] = t.datetime_complete.isoformat() if t.datetime_complete else None
+        rows.append(row)
+    return rows
+
+
+def export(study, fmt: str) -> str:
+    """One row per trial: state, value, parameters, the main recorded figures, times."""
+    rows = export_rows(study)
+    if fmt == "json":
+        return json.dumps(rows, indent=2, default=str)
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def best_text(study, trial, test_again: float) -> str:
+    recorded = trial.user_attrs.get("test_accuracy")
+    same = recorded is not None and abs(test_again - recorded) < 1e-4
+    params = ", ".join(f"{k}={v}" for k, v in trial.params.items())
+    lines = [
+        f"best trial of {study.study_name}: #{trial.number} ({params})",
+        f"  objective (validation accuracy for a search, test accuracy for a grid): {trial.value:.4f}",
+        f"  test accuracy recorded: {_f(recorded)}; saved model re-evaluated now: {test_again:.4f} "
+        + ("(the same model)" if same else "(DIFFERS from the record)"),
+        f"  model artifact: {trial.user_attrs.get('model_artifact')}",
+    ]
+    return "\n".join(lines) + "\n"

@@ -14,6 +14,7 @@ import click
 from tuner import data as datasets
 from tuner import spec as specs
 from tuner import storage as storages
+from tuner import transfer
 from tuner.errors import SpecError
 
 
@@ -62,35 +63,67 @@ def quiet_import_tensorflow() -> None:
         os.close(devnull)
 
 
-def run_study(study_file: str, *, kind: str, storage: str | None, heartbeat: int = 10, **options) -> None:
+def run_study(
+    study_file: str,
+    *,
+    kind: str,
+    storage: str | None,
+    heartbeat: int = 10,
+    n_trials: int | None = None,
+    timeout: float | None = None,
+    from_studies: tuple[str, ...] = (),
+    from_top: int = 5,
+    artifacts_dir: str | None = None,
+    **options,
+) -> None:
     """Create or resume the study and work on it until it is complete (or, for a search, has its trials)."""
-    n_trials = options.pop("n_trials", None)
     spec, splits, name = prepare(study_file, kind=kind, **options)
+    url = storages.resolve(storage)
+    storage_obj = storages.open_storage(url, create=True, heartbeat_s=heartbeat)
+    sources = [_load_tuner_study(storage_obj, source) for source in from_studies]  # checked before writing
     quiet_import_tensorflow()
+    from tuner import artifacts
     from tuner import objective as objectives
     from tuner import study as studies_
 
-    url = storages.resolve(storage)
-    storage_obj = storages.open_storage(url, create=True, heartbeat_s=heartbeat)
     study = studies_.open_study(storage_obj, url, spec, name)
-    display = _Display(spec, name)
+    display = _Display(spec, name, timeout)
     click.echo(f"study {name!r} in {storages.mask(url)}: {spec.description or spec.name}", err=True)
     if spec.kind == "grid":
         queued = studies_.seed_grid(study, spec, url)
         click.echo(f"{spec.n_cells} cells, {queued} queued now; data: {splits.describe()}", err=True)
         left, done = None, studies_.grid_done(spec)
     else:
+        queued = transfer.enqueue_once(study, url, spec.enqueue)
+        for source, source_spec in sources:
+            copied, requeued, skipped = transfer.import_trials(study, url, spec, source, source_spec, top=from_top)
+            click.echo(f"from {source.study_name!r}: {copied} trials copied, {requeued} configurations queued to "
+                       f"be measured on validation, {skipped} outside the space", err=True)  # fmt: skip
+        click.echo(f"search to {n_trials} trials (finished + running, this study in total); {queued} queued now; "
+                   f"sampler {spec.sampler}, pruner {spec.pruner}; data: {splits.describe()}", err=True)  # fmt: skip
         left, done = studies_.search_budget(n_trials)
-    objective = objectives.make_objective(spec, splits, on_epoch=display.epoch)
-    studies_.run_trials(study, url, objective, new_trials_left=left, done=done, progress=display.progress())
+    objective = objectives.make_objective(spec, splits, on_epoch=display.epoch,
+                                          artifact_store=artifacts.store(url, artifacts_dir))  # fmt: skip
+    deadline = None if timeout is None else time.monotonic() + timeout
+    studies_.run_trials(study, url, objective, new_trials_left=left, done=done, progress=display.progress(),
+                        deadline=deadline)  # fmt: skip
     display.summary(study)
+
+
+def _load_tuner_study(storage_obj, name: str):
+    from tuner import study as studies_
+
+    study, spec = studies_.load_study(storage_obj, name)
+    if spec is None:
+        raise SpecError(f"study {name!r} was not made by tuner: it has no stored study file")
+    return study, spec
 
 
 class _Display:
     """Progress at the terminal: one line per trial, epochs updating in place on a TTY."""
 
-    def __init__(self, spec: specs.StudySpec, name: str) -> None:
-        self.spec, self.name, self.tty = spec, name, sys.stderr.isatty()
+    def __init__(self, spec: specs.StudySpec, name: str, timeout: float | None = None) -> None:
+        self.spec, self.name, self.tty, self.timeout = spec, name, sys.stderr.isatty(), timeout
         self.started = time.monotonic()
         self.counts = {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0}
         self.best: float | None = None
@@ -123,6 +156,8 @@ class _Display:
         why = frozen.user_attrs.get("error", "")
         tally = ", ".join(f"{n} {k.lower()}" for k, n in self.counts.items() if n)
         best = "" if self.best is None else f", best {self.best:.4f}"
+        if self.timeout is not None:
+            best += f", {max(0.0, self.timeout - (time.monotonic() - self.started)) / 60:.1f} min left"
         if self.tty:
             click.echo("\r\033[K", err=True, nl=False)
         click.echo(
@@ -149,7 +184,7 @@ class _Display:
         )
 
 
-def report(names: list[str], *, fmt: str, figure: str | None, storage: str | None) -> str:
+def report(names: list[str], *, fmt: str, figure: str | None, storage: str | None, plots: str | None = None) -> str:
     """The report text for one study, or for several runs of the same grid combined."""
     from tuner import report as reports
     from tuner import study as studies_
@@ -166,8 +201,15 @@ def report(names: list[str], *, fmt: str, figure: str | None, storage: str | Non
                 f"study {study.study_name!r} has a different design from {names[0]!r}; "
                 "only runs of the same grid can be combined"
             )
+    if plots:
+        from tuner import plots as plotting
+
+        written = plotting.write(loaded[0][0], plots)
+        click.echo(f"wrote {len(written)} plots to {plots}", err=True)
     if first_spec.kind != "grid":
-        raise SpecError(f"study {names[0]!r} is a search: its report comes with `tuner search` (not yet built)")
+        if len(loaded) > 1:
+            raise SpecError("only grid studies can be combined in one report")
+        return reports.render_search(first_spec, loaded[0][0], fmt=fmt)
     return reports.render(first_spec, [s for s, _ in loaded], fmt=fmt, figure=figure)
 
 
@@ -176,3 +218,46 @@ def studies(storage: str | None) -> str:
 
     url = storages.resolve(storage)
     return reports.studies_table(storages.open_storage(url, create=False))
+
+
+def best(name: str, *, storage: str | None, artifacts_dir: str | None = None) -> str:
+    """The best trial, and its saved model loaded back and re-evaluated on the test set."""
+    from optuna.trial import TrialState
+
+    from tuner import report as reports
+
+    url = storages.resolve(storage)
+    study, spec = _load_tuner_study(storages.open_storage(url, create=False), name)
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        raise SpecError(f"study {name!r} has no complete trial yet")
+    trial = study.best_trial
+    quiet_import_tensorflow()
+    from tuner import artifacts, models
+
+    model = artifacts.load_model(trial, artifacts.store(url, artifacts_dir, create=False))
+    splits = datasets.load(spec.data, subset=spec.subset, validation=spec.validation, seed=spec.seed)
+    again = models.evaluate(model, splits.x_test, splits.y_test)
+    return reports.best_text(study, trial, again)
+
+
+def export(name: str, *, fmt: str, storage: str | None) -> str:
+    from tuner import report as reports
+
+    url = storages.resolve(storage)
+    study, _ = _load_tuner_study(storages.open_storage(url, create=False), name)
+    return reports.export(study, fmt)
+
+
+def dashboard(*, storage: str | None, host: str, port: int, artifacts_dir: str | None = None) -> None:
+    """optuna-dashboard on the same storage (and artifact store), until Ctrl-C."""
+    import optuna_dashboard
+
+    from tuner import artifacts
+
+    url = storages.resolve(storage)
+    storage_obj = storages.open_storage(url, create=False)
+    store = (
+        artifacts.store(url, artifacts_dir, create=False) if artifacts.location(url, artifacts_dir).is_dir() else None
+    )
+    click.echo(f"optuna-dashboard for {storages.mask(url)} on http://{host}:{port} (Ctrl-C to stop)", err=True)
+    optuna_dashboard.run_server(storage_obj, host=host, port=port, artifact_store=store)

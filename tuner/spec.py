@@ -75,6 +75,7 @@ class StudySpec:
     report: dict = field(default_factory=dict)  # rows, tables, train_figure
     reference: tuple[dict, ...] = ()
     claims: tuple[Claim, ...] = ()
+    enqueue: tuple[dict, ...] = ()  # configurations a search runs first
 
     @property
     def n_cells(self) -> int:
@@ -98,6 +99,7 @@ class StudySpec:
         raw["space"] = tuple(Param(**{**p, "choices": tuple(p["choices"])}) for p in raw.get("space", ()))
         raw["claims"] = tuple(Claim(**c) for c in raw.get("claims", ()))
         raw["reference"] = tuple(raw.get("reference", ()))
+        raw["enqueue"] = tuple(raw.get("enqueue", ()))
         return cls(**raw)
 
     def model_config(self, params: dict) -> ModelConfig:
@@ -163,7 +165,7 @@ def parse(raw: dict, *, default_name: str = "study") -> StudySpec:
         raw,
         "top level",
         {k: dict for k in ("study", "model", "training", "data", "grid", "search", "sampler", "pruner", "report")}
-        | {"reference": list, "claims": list},
+        | {"reference": list, "claims": list, "enqueue": list},
     )
     study = _take(raw.get("study", {}), "study", {"name": str, "kind": str, "description": str})
     model = _take(raw.get("model", {}), "model", {k: v for k, v in _PARAM_TYPES.items() if k != "batch_size"})
@@ -195,6 +197,7 @@ def parse(raw: dict, *, default_name: str = "study") -> StudySpec:
         report=report,
         reference=tuple(_reference(i, r) for i, r in enumerate(raw.get("reference", []))),
         claims=tuple(_claim(i, c) for i, c in enumerate(raw.get("claims", []))),
+        enqueue=tuple(_take(e, f"enqueue {i + 1}", _PARAM_TYPES) for i, e in enumerate(raw.get("enqueue", []))),
     )
     return validate(spec)
 
@@ -300,6 +303,10 @@ def validate(spec: StudySpec) -> StudySpec:
             spec.model_config(corner)
         except ValueError as exc:
             raise SpecError(str(exc)) from None
+    for i, point in enumerate(spec.enqueue):
+        problem = outside(spec, point)
+        if problem:
+            raise SpecError(f"enqueue {i + 1}: {problem}")
     figure = spec.report.get("train_figure", "last_batch")
     if figure not in TRAIN_FIGURES:
         raise SpecError(f"report.train_figure must be one of {', '.join(TRAIN_FIGURES)}")
@@ -307,6 +314,22 @@ def validate(spec: StudySpec) -> StudySpec:
         if key in spec.report and spec.report[key] not in spec.grid:
             raise SpecError(f"report.{key} names {spec.report[key]!r}, which is not a grid parameter")
     return spec
+
+
+def outside(spec: StudySpec, params: dict) -> str | None:
+    """Why `params` is not a point of the search space (None when it is)."""
+    space = {p.name: p for p in spec.space}
+    if set(params) != set(space):
+        missing, extra = sorted(set(space) - set(params)), sorted(set(params) - set(space))
+        return f"needs every search parameter: missing {missing}, not in the space {extra}"
+    for name, value in params.items():
+        p = space[name]
+        if p.type == "categorical":
+            if value not in p.choices:
+                return f"{name}={value!r} is not among {list(p.choices)}"
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not p.low <= value <= p.high:
+            return f"{name}={value!r} is outside [{p.low}, {p.high}]"
+    return None
 
 
 def _check_param(p: Param) -> None:
