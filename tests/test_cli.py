@@ -146,7 +146,9 @@ def test_sigterm_hands_the_trial_back(tiny_grid, tmp_path):
     assert TrialState.RUNNING not in [t.state for t in done]
     (failed,) = [t for t in done if t.state == TrialState.FAIL]
     assert failed.user_attrs["interrupted"] == "interrupted"
-    requeued = [t for t in done if t.state == TrialState.WAITING and t.system_attrs.get("failed_trial") == failed.number]
+    requeued = [
+        t for t in done if t.state == TrialState.WAITING and t.system_attrs.get("failed_trial") == failed.number
+    ]
     assert len(requeued) == 1 and requeued[0].params == failed.params
 
 

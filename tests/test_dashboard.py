@@ -70,8 +70,8 @@ def test_dashboard_lists_the_study_and_renders_intermediate_values(served_study)
 
 def test_dashboard_binds_to_localhost_by_default(served_study):
     _, port, proc = served_study
-    addresses = [s.split()[3] for s in subprocess.run(["ss", "-ltnH"], capture_output=True, text=True).stdout.splitlines()
-                 if s.split()[3].endswith(f":{port}")]  # fmt: skip
+    listening = subprocess.run(["ss", "-ltnH"], capture_output=True, text=True).stdout.splitlines()
+    addresses = [line.split()[3] for line in listening if line.split()[3].endswith(f":{port}")]
     assert addresses == [f"127.0.0.1:{port}"]
 
 

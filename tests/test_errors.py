@@ -140,7 +140,9 @@ def test_report_on_a_database_that_does_not_exist(run, no_db):
 
 
 def test_same_name_different_design_is_refused_and_writes_nothing(run, tiny_grid, db):
-    assert run("grid", tiny_grid, "--epochs", "1", "--subset", "100", "--storage", db, "--study-name", "x").exit_code == 0
+    assert (
+        run("grid", tiny_grid, "--epochs", "1", "--subset", "100", "--storage", db, "--study-name", "x").exit_code == 0
+    )
     import optuna
 
     before = len(optuna.load_study(study_name="x", storage=db).trials)
