@@ -30,6 +30,8 @@ class ModelConfig:
     optimizer: str = "adam"
     learning_rate: float = 0.001
     momentum: float = 0.9  # used by sgd only
+    adv_eps: float = 0.1  # adversarial training: FGSM step on pixels in [0, 1] ...
+    adv_share: float = 0.0  # ... replacing this share of every batch (0: plain training)
 
     def __post_init__(self) -> None:
         problems = []
@@ -47,6 +49,10 @@ class ModelConfig:
             problems.append(f"learning_rate must be > 0, got {self.learning_rate}")
         if not 0.0 <= self.momentum < 1.0:
             problems.append(f"momentum must be in [0, 1), got {self.momentum}")
+        if not 0.0 < self.adv_eps <= 1.0:
+            problems.append(f"adv_eps must be in (0, 1], got {self.adv_eps}")
+        if not 0.0 <= self.adv_share <= 1.0:
+            problems.append(f"adv_share must be in [0, 1], got {self.adv_share}")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -120,13 +126,15 @@ def train(
     stop_on_divergence: bool = False,
     evaluate_test: bool = True,
     result: FitResult | None = None,
+    adversarial: tuple[float, float] | None = None,
 ) -> FitResult:
     """Fit for `epochs`, recording both per-epoch train figures, then (optionally) test accuracy.
 
     `callbacks` run after the recorder, so a pruning callback sees the epoch's figures in `logs`.
     With `stop_on_divergence`, a NaN or infinite loss stops training at that batch and marks the result
     diverged instead of running to the last epoch. Pass `result` to keep the epochs recorded so far when a
-    callback (a pruner) stops training by raising.
+    callback (a pruner) stops training by raising. `adversarial=(eps, share)` replaces that share of every
+    batch with FGSM examples made against the current weights (tuner.adversarial).
     """
     import keras
 
@@ -135,8 +143,13 @@ def train(
     recorder = _recorder_class()(result, batch_size=batch_size, n_train=len(splits.y_train), stop=stop_on_divergence)
     validation = None if splits.x_val is None else (splits.x_val, splits.y_val)
     start = time.perf_counter()
+    fitted = model
+    if adversarial is not None and adversarial[1] > 0:
+        from tuner.adversarial import make_adversarial_model
+
+        fitted = make_adversarial_model(model, *adversarial)
     try:
-        model.fit(
+        fitted.fit(
             splits.x_train,
             splits.y_train,
             batch_size=batch_size,
