@@ -190,15 +190,85 @@ def search(study_file: str, **options) -> None:
     runner.run_study(study_file, kind="search", **options)
 
 
+def trial_option(f):
+    return click.option("--trial", type=int, metavar="N",
+                        help="A trial other than the best (it must have a saved model).")(f)  # fmt: skip
+
+
 @cli.command()
 @click.argument("name", metavar="STUDY")
+@trial_option
 @artifacts_option
 @storage_option
-def best(name: str, artifacts_dir: str | None, storage: str | None) -> None:
+def best(name: str, trial: int | None, artifacts_dir: str | None, storage: str | None) -> None:
     """Show the best trial and load its saved model back to re-evaluate its test accuracy."""
     from tuner import runner
 
-    click.echo(runner.best(name, storage=storage, artifacts_dir=artifacts_dir), nl=False)
+    click.echo(runner.best(name, storage=storage, artifacts_dir=artifacts_dir, trial=trial), nl=False)
+
+
+@cli.command()
+@click.argument("name", metavar="STUDY")
+@click.option(
+    "--top-k",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="Also compare the study's k best saved models: which pairs they all confuse.",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    metavar="DIR",
+    help="Write confusion.png and example images of the most-confused pairs into DIR.",
+)
+@trial_option
+@artifacts_option
+@storage_option
+def confusions(name: str, top_k: int, out: str | None, trial: int | None, artifacts_dir: str | None,
+               storage: str | None) -> None:  # fmt: skip
+    """Which digits a study's best model confuses: test-set confusion matrix and most-confused pairs."""
+    from tuner import runner
+
+    click.echo(runner.confusions(name, storage=storage, artifacts_dir=artifacts_dir, trial=trial, top_k=top_k,
+                                 out=out), nl=False)  # fmt: skip
+
+
+@cli.command()
+@click.argument("name", metavar="STUDY")
+@click.option(
+    "--method",
+    type=click.Choice(["fgsm", "pgd"]),
+    default="fgsm",
+    show_default=True,
+    help="FGSM: one signed-gradient step; PGD: --steps projected steps (stronger).",
+)
+@click.option(
+    "--eps",
+    type=float,
+    default=0.1,
+    show_default=True,
+    help="L-infinity size of the perturbation, in (0, 1] on pixels scaled to [0, 1].",
+)
+@click.option("--target", metavar="A:B", help="Targeted: push test images of digit A to be read as B.")
+@click.option("-n", "n", type=click.IntRange(min=1), default=1000, show_default=True, help="Test images to attack.")
+@click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True, help="PGD steps.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    metavar="DIR",
+    help="Write a PNG of originals, perturbations and adversarial images, and the figures as JSON.",
+)
+@trial_option
+@artifacts_option
+@storage_option
+def attack(name: str, method: str, eps: float, target: str | None, n: int, steps: int, out: str | None,
+           trial: int | None, artifacts_dir: str | None, storage: str | None) -> None:  # fmt: skip
+    """Adversarial examples against a study's best model: success rate, confidence, clean vs adversarial accuracy."""
+    from tuner import runner
+
+    click.echo(runner.attack(name, storage=storage, artifacts_dir=artifacts_dir, trial=trial, method=method,
+                             eps=eps, target=target, n=n, steps=steps, out=out), nl=False)  # fmt: skip
 
 
 @cli.command()

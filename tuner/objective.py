@@ -59,7 +59,9 @@ def make_objective(spec: StudySpec, splits: Splits, *, on_epoch: Callable | None
     fixed = {"epochs": spec.epochs, "seed": spec.seed, "monitor": monitor, "worker": worker_id(),
              "versions": versions(), **splits.describe()}  # fmt: skip
 
-    def objective(trial: optuna.Trial) -> float:
+    robust = spec.objective == "robust"
+
+    def objective(trial: optuna.Trial) -> float | tuple[float, float]:
         for key, value in fixed.items():
             trial.set_user_attr(key, value)
         params = suggest(trial, spec)
@@ -67,13 +69,15 @@ def make_objective(spec: StudySpec, splits: Splits, *, on_epoch: Callable | None
         batch_size = int(params.get("batch_size", spec.batch_size))
         trial.set_user_attr("model", {**config.__dict__, "batch_size": batch_size})
         model = models.build_model(config, seed=spec.seed)
-        callbacks = [KerasPruningCallback(trial, monitor)]
+        # Optuna prunes single-objective studies only; the robust search runs every trial to its last epoch.
+        callbacks = [] if robust else [KerasPruningCallback(trial, monitor)]
         if on_epoch is not None:
             callbacks.append(_EpochHook(trial.number, params, spec.epochs, on_epoch))
         result = models.FitResult()
         try:
             models.train(model, splits, batch_size=batch_size, epochs=spec.epochs, seed=spec.seed,
-                         callbacks=callbacks, stop_on_divergence=spec.kind == "search", result=result)  # fmt: skip
+                         callbacks=callbacks, stop_on_divergence=spec.kind == "search", result=result,
+                         adversarial=(config.adv_eps, config.adv_share) if config.adv_share > 0 else None)  # fmt: skip
         finally:  # a pruned trial keeps the epochs it ran
             _record(trial, result)
         if result.diverged:
@@ -84,6 +88,8 @@ def make_objective(spec: StudySpec, splits: Splits, *, on_epoch: Callable | None
             value = float(result.epochs[-1].val_accuracy)
             if not math.isfinite(value):
                 raise optuna.TrialPruned("validation accuracy is not a number")
+        if robust:
+            value = (value, _robust_accuracy(trial, model, splits, spec.robust_eps))
         if artifact_store is not None and _beats_best(trial, value):
             artifacts.save_model(trial, model, artifact_store)
         return value
@@ -101,9 +107,26 @@ def _record(trial: optuna.Trial, result: models.FitResult) -> None:
     trial.set_user_attr("diverged", result.diverged)
 
 
-def _beats_best(trial: optuna.Trial, value: float) -> bool:
+def _robust_accuracy(trial: optuna.Trial, model, splits: Splits, eps: float) -> float:
+    """Accuracy under FGSM at `eps` on the validation split (the second objective); test figure recorded too."""
+    from tuner import adversarial
+
+    val = models.evaluate(model, adversarial.fgsm(model, splits.x_val, splits.y_val, eps), splits.y_val)
+    test = models.evaluate(model, adversarial.fgsm(model, splits.x_test, splits.y_test, eps), splits.y_test)
+    trial.set_user_attr("robust_eps", eps)
+    trial.set_user_attr("robust_val_accuracy", val)
+    trial.set_user_attr("robust_test_accuracy", test)
+    return val
+
+
+def _beats_best(trial: optuna.Trial, value: float | tuple) -> bool:
+    """Worth saving: better than the best so far, or (two objectives) dominated by no finished trial."""
+    study = trial.study
+    if isinstance(value, tuple):
+        done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        return not any(all(a >= b for a, b in zip(t.values, value)) and tuple(t.values) != value for t in done)
     try:
-        return value > trial.study.best_value
+        return value > study.best_value
     except ValueError:  # no complete trial yet
         return True
 

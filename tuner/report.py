@@ -583,3 +583,18 @@ def best_text(study, trial, test_again: float) -> str:
         f"  model artifact: {trial.user_attrs.get('model_artifact')}",
     ]
     return "\n".join(lines) + "\n"
+
+
+def confusions_text(name: str, number: int, matrix, pairs, consistent, top: list[int]) -> str:
+    total = int(matrix.sum())
+    correct = int(matrix.trace())
+    lines = [f"{name}, trial {number}: {correct}/{total} test images right ({correct / total:.4f})", "",
+             "confusion matrix (rows: true digit, columns: predicted)", ""]  # fmt: skip
+    header = ["true", *[str(c) for c in range(matrix.shape[1])]]
+    lines += _grid(header, [[str(r), *[str(int(v)) for v in row]] for r, row in enumerate(matrix)], False)
+    lines += ["", "most confused pairs (true -> predicted: count):"]
+    lines += [f"  {t} -> {p}: {c}" for t, p, c in pairs]
+    if consistent:
+        lines += ["", f"confused consistently by the top {len(top)} saved models (trials {top}), summed:"]
+        lines += [f"  {t} -> {p}: {c}" for t, p, c in consistent]
+    return "\n".join(lines) + "\n"

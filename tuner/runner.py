@@ -21,7 +21,7 @@ from tuner.errors import SpecError
 def default_study_name(spec: specs.StudySpec, base: specs.StudySpec) -> str:
     """The file's name, plus each design setting that differs from the file's."""
     parts = [spec.name]
-    for key in ("epochs", "subset", "seed"):
+    for key in ("epochs", "subset", "seed", "objective"):
         if getattr(spec, key) != getattr(base, key):
             parts.append(f"{key}{getattr(spec, key)}")
     if spec.data != base.data:
@@ -150,9 +150,10 @@ class _Display:
     def end(self, frozen) -> None:
         state = frozen.state.name
         self.counts[state] = self.counts.get(state, 0) + 1
-        if frozen.value is not None and (self.best is None or frozen.value > self.best):
-            self.best = frozen.value
-        value = "" if frozen.value is None else f" value={frozen.value:.4f}"
+        values = frozen.values or []
+        if len(values) == 1 and (self.best is None or values[0] > self.best):
+            self.best = values[0]
+        value = f" value={'/'.join(f'{v:.4f}' for v in values)}" if values else ""
         why = frozen.user_attrs.get("error", "")
         tally = ", ".join(f"{n} {k.lower()}" for k, n in self.counts.items() if n)
         best = "" if self.best is None else f", best {self.best:.4f}"
@@ -220,24 +221,132 @@ def studies(storage: str | None) -> str:
     return reports.studies_table(storages.open_storage(url, create=False))
 
 
-def best(name: str, *, storage: str | None, artifacts_dir: str | None = None) -> str:
-    """The best trial, and its saved model loaded back and re-evaluated on the test set."""
+def _pick_trial(study, trial_number: int | None):
+    """Trial `trial_number`, else the best (for two objectives: the Pareto trial with the best clean accuracy)."""
     from optuna.trial import TrialState
 
-    from tuner import report as reports
+    if trial_number is not None:
+        found = [t for t in study.get_trials(deepcopy=False) if t.number == trial_number]
+        if not found:
+            raise SpecError(f"study {study.study_name!r} has no trial {trial_number}")
+        return found[0]
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        raise SpecError(f"study {study.study_name!r} has no complete trial yet")
+    if len(study.directions) > 1:
+        return max(study.best_trials, key=lambda t: t.values[0])
+    return study.best_trial
 
+
+def _trial_model(name: str, storage: str | None, artifacts_dir: str | None, trial_number: int | None):
+    """The study, its spec, the chosen trial, its saved model and the data it was measured on."""
     url = storages.resolve(storage)
     study, spec = _load_tuner_study(storages.open_storage(url, create=False), name)
-    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        raise SpecError(f"study {name!r} has no complete trial yet")
-    trial = study.best_trial
+    trial = _pick_trial(study, trial_number)
     quiet_import_tensorflow()
-    from tuner import artifacts, models
+    from tuner import artifacts
 
     model = artifacts.load_model(trial, artifacts.store(url, artifacts_dir, create=False))
     splits = datasets.load(spec.data, subset=spec.subset, validation=spec.validation, seed=spec.seed)
+    return study, spec, trial, model, splits
+
+
+def best(name: str, *, storage: str | None, artifacts_dir: str | None = None, trial: int | None = None) -> str:
+    """The best trial, and its saved model loaded back and re-evaluated on the test set."""
+    from tuner import models
+    from tuner import report as reports
+
+    study, _, chosen, model, splits = _trial_model(name, storage, artifacts_dir, trial)
     again = models.evaluate(model, splits.x_test, splits.y_test)
-    return reports.best_text(study, trial, again)
+    return reports.best_text(study, chosen, again)
+
+
+def _output_dir(out: str | None):
+    from pathlib import Path
+
+    if out is None:
+        return None
+    path = Path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SpecError(f"cannot create folder {path}: {exc.strerror}") from None
+    return path
+
+
+def confusions(name: str, *, storage: str | None, artifacts_dir: str | None = None, trial: int | None = None,
+               top_k: int = 3, out: str | None = None) -> str:  # fmt: skip
+    """The test-set confusion matrix of a saved model, its most-confused pairs, and the pairs confused
+    consistently across the study's top-k saved models."""
+    from optuna.trial import TrialState
+
+    from tuner import adversarial, artifacts
+    from tuner import report as reports
+
+    folder = _output_dir(out)
+    study, _, chosen, model, splits = _trial_model(name, storage, artifacts_dir, trial)
+    matrix = adversarial.confusion_matrix(model, splits.x_test, splits.y_test)
+    pairs = adversarial.most_confused(matrix, k=10)
+    saved = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+             if t.user_attrs.get(artifacts.MODEL_ATTR)]  # fmt: skip
+    saved.sort(key=lambda t: t.values[0], reverse=True)
+    store = artifacts.store(storages.resolve(storage), artifacts_dir, create=False)
+    matrices = [matrix if t.number == chosen.number else
+                adversarial.confusion_matrix(artifacts.load_model(t, store), splits.x_test, splits.y_test)
+                for t in saved[:top_k]]  # fmt: skip
+    consistent = adversarial.consistent_pairs(matrices, k=5) if len(matrices) > 1 else []
+    if folder is not None:
+        adversarial.save_confusion_png(folder / "confusion.png", matrix, title=f"{name} trial {chosen.number}")
+        preds = adversarial.predict(model, splits.x_test).argmax(axis=1)
+        for true, predicted, _ in pairs[:3]:
+            idx = [i for i in range(len(preds)) if splits.y_test[i] == true and preds[i] == predicted][:8]
+            x = splits.x_test[idx]
+            adversarial.save_grid_png(folder / f"confused_{true}_as_{predicted}.png", x, x, splits.y_test[idx],
+                                      preds[idx], n=len(idx))  # fmt: skip
+    return reports.confusions_text(name, chosen.number, matrix, pairs, consistent, [t.number for t in saved[:top_k]])
+
+
+def attack(name: str, *, storage: str | None, artifacts_dir: str | None = None, trial: int | None = None,
+           method: str, eps: float, target: str | None = None, n: int = 1000, steps: int = 20,
+           out: str | None = None) -> str:  # fmt: skip
+    """FGSM or PGD against a saved model on test images; targeted with `target` 'A:B' (images of A pushed to B)."""
+    import json
+
+    from tuner import adversarial
+
+    if not 0.0 < eps <= 1.0:
+        raise SpecError(f"--eps must be in (0, 1], got {eps}")
+    source = goal = None
+    if target is not None:
+        try:
+            source, goal = (int(v) for v in target.split(":"))
+        except ValueError:
+            raise SpecError(f"--target must look like 4:9 (source class:target class), got {target!r}") from None
+        if not (0 <= source <= 9 and 0 <= goal <= 9) or source == goal:
+            raise SpecError(f"--target classes must be two different digits 0..9, got {target!r}")
+    folder = _output_dir(out)
+    _, _, chosen, model, splits = _trial_model(name, storage, artifacts_dir, trial)
+    x, y = splits.x_test, splits.y_test
+    if source is not None:
+        keep = y == source
+        x, y = x[keep], y[keep]
+    x, y = x[:n], y[:n]
+    try:
+        if method == "fgsm":
+            adv = adversarial.fgsm(model, x, y, eps, target=goal)
+        else:
+            adv = adversarial.pgd(model, x, y, eps, steps=steps, target=goal)
+        figures = adversarial.attack_report(model, x, y, adv, target=goal)
+    except ValueError as exc:
+        raise SpecError(str(exc)) from None
+    figures.update({"study": name, "trial": chosen.number, "method": method, "eps": eps, "target": target})
+    if folder is not None:
+        clean = adversarial.predict(model, x).argmax(axis=1)
+        fooled = adversarial.predict(model, adv).argmax(axis=1)
+        adversarial.save_grid_png(folder / f"{method}_eps{eps}{'_' + target.replace(':', 'to') if target else ''}.png",
+                                  x, adv, clean, fooled, n=8)  # fmt: skip
+        np_free = {k: (float(v) if hasattr(v, "item") else v) for k, v in figures.items()}
+        (folder / f"{method}_eps{eps}.json").write_text(json.dumps(np_free, indent=2, default=float))
+    return "\n".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in figures.items()) + "\n"
 
 
 def export(name: str, *, fmt: str, storage: str | None) -> str:

@@ -28,6 +28,7 @@ SAMPLERS = ("grid", "tpe", "random", "gp", "cmaes")
 PRUNERS = ("hyperband", "successive-halving", "median", "none")
 CHECKS = ("chance_level", "converges", "flat", "separates", "gain", "best_gain", "not_worth", "best")
 TRAIN_FIGURES = ("last_batch", "mean")
+OBJECTIVES = ("accuracy", "robust")
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,8 @@ class StudySpec:
     reference: tuple[dict, ...] = ()
     claims: tuple[Claim, ...] = ()
     enqueue: tuple[dict, ...] = ()  # configurations a search runs first
+    objective: str = "accuracy"  # or "robust": maximise clean and FGSM validation accuracy (two objectives)
+    robust_eps: float = 0.1  # the FGSM step of the robust objective, on pixels in [0, 1]
 
     @property
     def n_cells(self) -> int:
@@ -155,7 +158,7 @@ def _take(table: dict, where: str, allowed: dict[str, type | tuple]) -> dict:
 
 _PARAM_TYPES: dict[str, type | tuple] = {
     "cell": str, "units": int, "layers": int, "dropout": float, "optimizer": str,
-    "learning_rate": float, "momentum": float, "batch_size": int,
+    "learning_rate": float, "momentum": float, "batch_size": int, "adv_eps": float, "adv_share": float,
 }  # fmt: skip
 
 
@@ -170,7 +173,9 @@ def parse(raw: dict, *, default_name: str = "study") -> StudySpec:
     study = _take(raw.get("study", {}), "study", {"name": str, "kind": str, "description": str})
     model = _take(raw.get("model", {}), "model", {k: v for k, v in _PARAM_TYPES.items() if k != "batch_size"})
     training = _take(
-        raw.get("training", {}), "training", {"epochs": int, "batch_size": int, "seed": int, "validation": bool}
+        raw.get("training", {}),
+        "training",
+        {"epochs": int, "batch_size": int, "seed": int, "validation": bool, "objective": str, "robust_eps": float},
     )
     data = _take(raw.get("data", {}), "data", {"path": str, "subset": int})
     sampler = _take(raw.get("sampler", {}), "sampler", {"name": str})
@@ -190,6 +195,8 @@ def parse(raw: dict, *, default_name: str = "study") -> StudySpec:
         subset=data.get("subset"),
         data=data.get("path"),
         validation=training.get("validation", kind == "search"),
+        objective=training.get("objective", "accuracy"),
+        robust_eps=training.get("robust_eps", 0.1),
         grid={k: list(v) for k, v in grid.items()},
         space=space,
         sampler=sampler.get("name", "grid" if kind == "grid" else "tpe"),
@@ -267,6 +274,12 @@ def validate(spec: StudySpec) -> StudySpec:
     if spec.subset is not None and spec.subset < 10:
         raise SpecError(f"subset must be >= 10, got {spec.subset}")
     _check_value("batch_size", spec.batch_size)
+    if spec.objective not in OBJECTIVES:
+        raise SpecError(f"unknown objective {spec.objective!r}; choose from {', '.join(OBJECTIVES)}")
+    if spec.objective == "robust" and (spec.kind != "search" or not spec.validation):
+        raise SpecError("the robust objective is for searches, which hold out a validation split")
+    if not 0.0 < spec.robust_eps <= 1.0:
+        raise SpecError(f"robust_eps must be in (0, 1], got {spec.robust_eps}")
     if spec.sampler not in SAMPLERS:
         raise SpecError(f"unknown sampler {spec.sampler!r}; choose from {', '.join(SAMPLERS[1:])}")
     if spec.pruner not in PRUNERS:
