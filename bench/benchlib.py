@@ -1,0 +1,104 @@
+"""What every benchmark shares: the command line, the machine description, a matrix-product rate, JSON output.
+
+Benchmarks print their figures and, with `--json PATH`, write them; nothing here asserts on time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `python bench/NAME.py` from a checkout runs this checkout's tuner
+    sys.path.insert(0, str(ROOT))
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="a small run (about a minute) to check the harness")
+    p.add_argument("--json", metavar="PATH", help="also write the figures to this JSON file")
+    return p
+
+
+def write_json(path: str | None, payload) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(payload, indent=2, default=float) + "\n", encoding="utf-8")
+        print(f"wrote {path}")
+
+
+def machine() -> dict:
+    """CPU model, cores, memory, library versions, and whether the repro run was using the cores meanwhile."""
+    info = {"python": platform.python_version(), "cores": os.cpu_count()}
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        for line in lscpu.splitlines():
+            if line.startswith("Model name:"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            kb = int(next(line for line in f if line.startswith("MemTotal")).split()[1])
+        info["memory_gib"] = round(kb / 2**20, 1)
+    except (OSError, StopIteration, ValueError):
+        pass
+    for name in ("optuna", "tensorflow", "keras", "numpy"):
+        try:
+            from importlib.metadata import version
+
+            info[name] = version(name)
+        except Exception:  # noqa: BLE001 - a missing package is reported as missing
+            info[name] = None
+    info["load_average_1min"] = os.getloadavg()[0]
+    info["contended"] = contended()
+    return info
+
+
+def contended() -> bool:
+    """True while the long reproduction run (that uses both cores) has not finished."""
+    path = Path("/tmp/repro/times.txt")
+    try:
+        return path.exists() and len(path.read_text().splitlines()) < 6
+    except OSError:
+        return False
+
+
+def matmul_rate(n: int = 2048, repeats: int = 5) -> dict:
+    """Best-of-`repeats` float32 n x n matrix-product rate, in GFLOP/s, with numpy and with tf.matmul."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a, b = rng.random((n, n), dtype=np.float32), rng.random((n, n), dtype=np.float32)
+    flops = 2 * n**3
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    rates = {"numpy": flops / best / 1e9}
+    try:
+        import tensorflow as tf
+
+        ta, tb = tf.constant(a), tf.constant(b)
+        tf.matmul(ta, tb).numpy()
+        best = min(_timed(lambda: tf.matmul(ta, tb).numpy()) for _ in range(repeats))
+        rates["tf"] = flops / best / 1e9
+    except ImportError:
+        pass
+    which = max(rates, key=rates.get)
+    return {"gflops": rates[which], "which": f"{which} {n}x{n} float32 matmul, best of {repeats}", "all": rates}
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def quiet_tf() -> None:
+    """Keep TensorFlow's C++ start-up lines out of the benchmark's output."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

@@ -1,0 +1,201 @@
+"""Per-trial storage and sampler overhead up to 1,000 trials (SQLite, PostgreSQL), and 1-8 workers on PostgreSQL.
+
+    python bench/storage.py --json bench/results/storage.json      # about 10 minutes on 2 cores
+    python bench/storage.py --quick
+
+Overhead: a trivial objective (one float, returns its square), so every millisecond is the loop's: tuner's own
+(`tuner.storage.open_storage` with its default 10 s heartbeat, `tuner.study.run_trials` claiming each trial under
+the study lock) against plain `study.optimize` on Optuna's RDBStorage, TPE (seed 0), and tuner's loop with the
+random sampler (a quarter of the trials) to separate the sampler's share from the storage's. Reported: mean
+milliseconds per trial over all trials and over the last 100 ("at 1,000 trials").
+
+Workers: 1, 2, 4 and 8 processes on one PostgreSQL study, an objective that sleeps 0.5 s, 16 trials per
+worker, every worker starting at the same instant after its imports. Throughput as a share of ideal
+(workers / 0.5 s), from the common start to the last result stored. PostgreSQL 15 at 127.0.0.1:5432 (user
+postgres, trust): a throwaway database is created for the run and dropped after it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+import benchlib
+
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
+SLEEP_S = 0.5
+
+
+def trivial(trial) -> float:
+    x = trial.suggest_float("x", -10, 10)
+    return x * x
+
+
+def sleepy(trial) -> float:
+    x = trial.suggest_float("x", -10, 10)
+    time.sleep(SLEEP_S)
+    return x * x
+
+
+def _sampler(name: str, seed: int = 0):
+    import optuna
+
+    return optuna.samplers.TPESampler(seed=seed) if name == "tpe" else optuna.samplers.RandomSampler(seed=seed)
+
+
+def loop_overhead(url_text: str, loop: str, sampler: str, n: int) -> dict:
+    """`n` trials of `trivial` in this process; per-trial times from the loop's own clock."""
+    import optuna
+
+    from tuner import storage as storages
+    from tuner import study as studies
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = storages.resolve(url_text)
+    name = f"overhead-{loop}-{sampler}-{uuid.uuid4().hex[:6]}"
+    stamps: list[float] = []
+    if loop == "tuner":
+        storage = storages.open_storage(url, create=True)
+        study = optuna.create_study(storage=storage, study_name=name, sampler=_sampler(sampler))
+        left, done = studies.search_budget(n)
+        progress = studies.Progress(on_trial_end=lambda frozen: stamps.append(time.perf_counter()))
+        t0 = time.perf_counter()
+        studies.run_trials(study, url, trivial, new_trials_left=left, done=done, progress=progress)
+    else:
+        storage = optuna.storages.RDBStorage(url_text, engine_kwargs=storages.engine_kwargs(url))
+        study = optuna.create_study(storage=storage, study_name=name, sampler=_sampler(sampler))
+        t0 = time.perf_counter()
+        study.optimize(trivial, n_trials=n, callbacks=[lambda s, t: stamps.append(time.perf_counter())])
+    gaps = [b - a for a, b in zip([t0, *stamps[:-1]], stamps)]
+    last = gaps[-100:]
+    return {
+        "backend": url.get_backend_name(),
+        "loop": loop,
+        "sampler": sampler,
+        "trials": len(stamps),
+        "total_s": stamps[-1] - t0,
+        "ms_per_trial_mean": 1000 * (stamps[-1] - t0) / len(stamps),
+        "ms_per_trial_last100": 1000 * sum(last) / len(last),
+        "ms_per_trial_first100": 1000 * sum(gaps[:100]) / len(gaps[:100]),
+    }
+
+
+def worker(url_text: str, name: str, loop: str, n_total: int, start_at: float) -> None:
+    """One worker process: wait for the common start, then take trials until the study has `n_total`."""
+    import optuna
+    from optuna.study import MaxTrialsCallback
+    from optuna.trial import TrialState
+
+    from tuner import storage as storages
+    from tuner import study as studies
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = storages.resolve(url_text)
+    if loop == "tuner":
+        storage = storages.open_storage(url, create=True)
+    else:
+        storage = optuna.storages.RDBStorage(url_text, engine_kwargs=storages.engine_kwargs(url))
+    study = optuna.load_study(study_name=name, storage=storage, sampler=_sampler("tpe", seed=os.getpid()))
+    time.sleep(max(0.0, start_at - time.time()))
+    if loop == "tuner":
+        left, done = studies.search_budget(n_total)
+        studies.run_trials(study, url, sleepy, new_trials_left=left, done=done)
+    else:
+        study.optimize(sleepy, n_trials=n_total, callbacks=[MaxTrialsCallback(n_total, states=(TrialState.COMPLETE,))])
+
+
+def workers_throughput(url_text: str, loop: str, n_workers: int, per_worker: int) -> dict:
+    import optuna
+
+    from tuner import storage as storages
+
+    url = storages.resolve(url_text)
+    name = f"workers-{loop}-{n_workers}-{uuid.uuid4().hex[:6]}"
+    optuna.create_study(storage=storages.open_storage(url, create=True), study_name=name)
+    n_total = n_workers * per_worker
+    start_at = time.time() + 6.0 + 0.8 * n_workers  # after every worker's imports, on 2 cores
+    procs = [
+        subprocess.Popen([sys.executable, __file__, "--worker", json.dumps([url_text, name, loop, n_total, start_at])])
+        for _ in range(n_workers)
+    ]
+    codes = [p.wait() for p in procs]
+    study = optuna.load_study(study_name=name, storage=storages.open_storage(url, create=False))
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    end = max(t.datetime_complete.timestamp() for t in complete)
+    elapsed = end - start_at
+    ideal = len(complete) * SLEEP_S / n_workers
+    return {
+        "loop": loop,
+        "workers": n_workers,
+        "trials": len(complete),
+        "trials_total": len(study.trials),
+        "elapsed_s": elapsed,
+        "ideal_s": ideal,
+        "share_of_ideal": ideal / elapsed,
+        "exit_codes": codes,
+    }
+
+
+class ThrowawayPostgres:
+    """A fresh database on the local PostgreSQL for this run, dropped afterwards."""
+
+    def __enter__(self) -> str:
+        import psycopg
+
+        self.name = f"tuner_bench_{uuid.uuid4().hex[:8]}"
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{self.name}"')
+        return f"postgresql+psycopg://postgres@127.0.0.1:5432/{self.name}"
+
+    def __exit__(self, *exc) -> None:
+        import psycopg
+
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+
+
+def main() -> None:
+    p = benchlib.parser(__doc__.split("\n\n")[0])
+    p.add_argument("--worker", help=benchlib_hidden())
+    args = p.parse_args()
+    if args.worker:
+        worker(*json.loads(args.worker))
+        return
+    machine = benchlib.machine()
+    print(f"machine: {machine}")
+    n = 100 if args.quick else 1_000
+    per_worker = 4 if args.quick else 16
+    counts = [1, 2] if args.quick else [1, 2, 4, 8]
+    import tempfile
+
+    out: dict = {"machine": machine, "overhead": [], "workers": []}
+    with tempfile.TemporaryDirectory() as tmp, ThrowawayPostgres() as pg:
+        for url in (f"sqlite:///{tmp}/bench.db", pg):
+            for loop, sampler, trials in (("tuner", "tpe", n), ("optuna", "tpe", n), ("tuner", "random", n // 4)):
+                r = loop_overhead(url, loop, sampler, trials)
+                out["overhead"].append(r)
+                print(f"{r['backend']:10} {loop:6} loop, {sampler:6}: {r['trials']} trials, "
+                      f"{r['ms_per_trial_mean']:6.1f} ms/trial mean, first 100 {r['ms_per_trial_first100']:6.1f}, "
+                      f"last 100 {r['ms_per_trial_last100']:6.1f} (goal <= 20 at 1,000)", flush=True)  # fmt: skip
+        for loop in ("tuner", "optuna"):
+            for w in counts:
+                r = workers_throughput(pg, loop, w, per_worker)
+                out["workers"].append(r)
+                print(f"postgresql {loop:6} loop, {w} workers x {per_worker} trials of {SLEEP_S}s: "
+                      f"{r['elapsed_s']:5.1f}s vs ideal {r['ideal_s']:4.1f}s = {100 * r['share_of_ideal']:5.1f}% of "
+                      f"ideal (goal >= 90% at 8), exit codes {r['exit_codes']}", flush=True)  # fmt: skip
+    benchlib.write_json(args.json, out)
+
+
+def benchlib_hidden():
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+if __name__ == "__main__":
+    main()

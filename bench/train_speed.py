@@ -1,0 +1,186 @@
+"""Seconds per training epoch against the arithmetic floor, and what each speed lever does to them.
+
+    python bench/train_speed.py --json bench/results/train_speed.json          # about 10 minutes on 2 cores
+    python bench/train_speed.py --quick                                         # about a minute
+
+For SimpleRNN-128 at batch 256, LSTM-100 and GRU-128 at batch 128, on the 60,000 training images: one epoch
+after a warm-up epoch on a few batches (so tracing is done and the last, partial batch has been seen), timed by
+tuner's own recorder inside `tuner.models.train`. The floor is the matrix-product FLOPs of forward + backward
+(counted below), divided by the best float32 2048x2048 matrix-product rate measured in the same process.
+
+Every measurement runs in a fresh process, so that thread settings and oneDNN (read when TensorFlow starts)
+can be varied. `shipped` is `tuner.models.build_model` + `train` as they are; `original` is the model as
+`build_model` made it before any speed lever (a rolled `while_loop`, no XLA, one step per call); each other
+variant adds one lever (or two) to `original`. Each variant also reports the recorded figures of its epoch
+(loss, epoch-mean accuracy, last-batch accuracy) so that a lever that changes them is seen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import benchlib
+
+CONFIGS = [("SimpleRNN", 128, 256), ("LSTM", 100, 128), ("GRU", 128, 128)]
+GATES = {"SimpleRNN": 1, "GRU": 3, "LSTM": 4}
+N_FULL = 60_000
+N_QUICK = 5_984  # same last partial batch (96 images) as 60,000 at batch 128 and 256
+
+LEVERS: dict[str, dict] = {
+    "original": {},
+    "shipped": {"shipped": True},
+    "unroll": {"unroll": True},
+    "xla": {"jit": True},
+    "unroll+xla": {"unroll": True, "jit": True},
+    "spe8": {"spe": 8},
+    "unroll+spe8": {"unroll": True, "spe": 8},
+    "intra2-inter1": {"threads": [2, 1]},
+    "1-thread": {"threads": [1, 1]},
+    "onednn-off": {"env": {"TF_ENABLE_ONEDNN_OPTS": "0"}},
+    "tf-tensors": {"tensors": True},
+}
+QUICK_LEVERS = ["original", "shipped"]
+
+
+def flops_per_sample(cell: str, units: int, *, steps: int = 28, features: int = 28, classes: int = 10) -> int:
+    """Matrix-product FLOPs (2 per multiply-add) of one image, forward + backward, one recurrent layer.
+
+    Per time step the forward pass multiplies the input (features x g*units) and the state (units x g*units),
+    g gates. Backward: the state product costs two more (gradient of the weights and of the state), the input
+    product one (gradient of the weights: the input needs none). Dense(10): forward + weights + state gradient.
+    Element-wise work (activations, gates, the optimizer) is not counted: it is the floor of matrix products.
+    """
+    g = GATES[cell]
+    macs = steps * (2 * features * g * units + 3 * units * g * units) + 3 * units * classes
+    return 2 * macs
+
+
+def child(job: dict) -> dict:
+    """One measurement, in this (fresh) process."""
+    benchlib.quiet_tf()
+    if job.get("threads"):
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(job["threads"][0])
+        tf.config.threading.set_inter_op_parallelism_threads(job["threads"][1])
+    import keras
+
+    from tuner import data, models
+
+    rate = benchlib.matmul_rate()
+    full = data.load()
+    n, bs = job["n"], job["batch_size"]
+    x, y = full.x_train[:n], full.y_train[:n]
+    if job.get("tensors"):
+        import tensorflow as tf
+
+        x, y = tf.constant(x), tf.constant(y)
+    warm_n = 4 * bs + n % bs
+    warm = data.Splits(x[:warm_n], y[:warm_n], None, None, full.x_test, full.y_test, full.source)
+    train = data.Splits(x, y, None, None, full.x_test, full.y_test, full.source)
+    config = models.ModelConfig(cell=job["cell"], units=job["units"])
+    if job.get("shipped"):
+        model = models.build_model(config, seed=0)
+    else:  # build_model as it was before any speed lever, plus this variant's levers
+        keras.backend.clear_session()
+        keras.utils.set_random_seed(0)
+        layer = getattr(keras.layers, config.cell)(config.units, unroll=bool(job.get("unroll")))
+        model = keras.Sequential([keras.Input((28, 28)), layer, keras.layers.Dense(10, activation="softmax")])
+        model.compile(optimizer=keras.optimizers.Adam(learning_rate=0.001), loss="sparse_categorical_crossentropy",
+                      metrics=["accuracy"], jit_compile=bool(job.get("jit")),
+                      steps_per_execution=job.get("spe", 1))  # fmt: skip
+    t = time.perf_counter()
+    models.train(model, warm, batch_size=bs, epochs=1, seed=0, evaluate_test=False)
+    warm_s = time.perf_counter() - t
+    result = models.train(model, train, batch_size=bs, epochs=1, seed=0, evaluate_test=False)
+    rate_after = benchlib.matmul_rate()
+    if rate_after["gflops"] > rate["gflops"]:
+        rate = rate_after
+    epoch = result.epochs[0]
+    floor = flops_per_sample(job["cell"], job["units"]) * n / (rate["gflops"] * 1e9)
+    return {
+        "config": f"{job['cell']}-{job['units']} batch {bs}",
+        "variant": job["variant"],
+        "n_train": n,
+        "epoch_s": epoch.seconds,
+        "fit_s": result.fit_seconds,
+        "warmup_s": warm_s,
+        "floor_s": floor,
+        "ratio": epoch.seconds / floor,
+        "gflop_per_epoch": flops_per_sample(job["cell"], job["units"]) * n / 1e9,
+        "matmul_gflops": rate["gflops"],
+        "matmul": rate["which"],
+        "matmul_all": rate["all"],
+        "loss": epoch.loss,
+        "accuracy": epoch.accuracy,
+        "last_batch_accuracy": epoch.last_batch_accuracy,
+        "jit_compile": bool(model.jit_compile),
+        "steps_per_execution": model.steps_per_execution,
+        "threads": [_threads("intra"), _threads("inter")],
+        "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default (on)"),
+        "contended": benchlib.contended(),
+    }
+
+
+def _threads(kind: str) -> int:
+    import tensorflow as tf
+
+    return getattr(tf.config.threading, f"get_{kind}_op_parallelism_threads")()
+
+
+def run(job: dict) -> dict:
+    env = {**os.environ, **job.get("env", {})}
+    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], capture_output=True, text=True,
+                         env=env, check=False)  # fmt: skip
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode or not lines:
+        raise RuntimeError(f"{job['variant']} {job['cell']} failed:\n{out.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def main() -> None:
+    p = benchlib.parser(__doc__.split("\n\n")[0])
+    p.add_argument("--child", help=argparse_hidden())
+    p.add_argument("--levers", default=None, help="comma-separated variants (default: all; --quick: a few)")
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))), flush=True)
+        return
+    names = args.levers.split(",") if args.levers else (QUICK_LEVERS if args.quick else list(LEVERS))
+    n = N_QUICK if args.quick else N_FULL
+    machine = benchlib.machine()
+    print(f"machine: {machine}")
+    rows = []
+    for cell, units, bs in CONFIGS:
+        for name in names:
+            job = {"variant": name, "cell": cell, "units": units, "batch_size": bs, "n": n, **LEVERS[name]}
+            row = run(job)
+            rows.append(row)
+            print(f"{row['config']:24} {name:14} epoch {row['epoch_s']:6.2f}s floor {row['floor_s']:5.2f}s "
+                  f"ratio {row['ratio']:5.2f} warm-up {row['warmup_s']:5.1f}s matmul {row['matmul_gflops']:4.0f} "
+                  f"GF/s | loss {row['loss']:.6f} acc {row['accuracy']:.6f} last {row['last_batch_accuracy']:.6f}",
+                  flush=True)  # fmt: skip
+    print("\nshipped path (tuner.models as it is):")
+    for row in rows:
+        if row["variant"] == "shipped":
+            verdict = "met" if row["ratio"] <= 1.5 else f"missed by {row['ratio'] / 1.5:.1f}x"
+            print(f"  {row['config']:24} {row['epoch_s']:6.2f}s / floor {row['floor_s']:.2f}s = {row['ratio']:.2f} "
+                  f"(goal <= 1.5: {verdict})")  # fmt: skip
+    benchlib.write_json(args.json, rows)
+    if args.json:
+        meta = args.json.rsplit(".", 1)[0] + ".machine.json"
+        benchlib.write_json(meta, machine)
+
+
+def argparse_hidden():
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""Trial overhead (what a trial spends outside its training epochs) and a worker's memory over 20 trials.
+
+    python bench/trial_overhead.py --json bench/results/trial_overhead.json    # about 5 minutes on 2 cores
+    python bench/trial_overhead.py --quick
+
+Overhead: a two-cell grid study file (SimpleRNN and LSTM at 128 units, batch 128, 5 epochs, the 60,000 training
+images, test evaluation: how `tuner grid` runs the document's grids) is run by `tuner.runner.run_study` on a
+SQLite database, the product's path from the study file to the database. (One cell would do, but a one-cell
+grid trips Optuna's GridSampler.after_trial: see BENCHMARKS.md.) A trial's wall time is the database's own
+(`datetime_start` when the worker takes it, `datetime_complete` when its result is stored); the training epochs
+are the recorder's per-epoch seconds. Build (`models.build_model`) is timed by wrapping it; test evaluation and
+fit set-up come from the trial's attributes; the rest (the best model's upload, parameters, attributes,
+database writes) is what remains. The first epoch includes tracing the train step: its excess over the mean of
+the later epochs is reported as tracing, and counted as overhead in the strict share.
+
+Memory: 20 consecutive trials of a small search (random sampler, no pruner, SimpleRNN/LSTM/GRU of different
+sizes, 1,200 images, 2 epochs) in one worker, again through `run_study`; the worker's resident set (VmRSS)
+and its peak (VmHWM) are read after every trial.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import benchlib
+
+GRID = """
+[study]
+kind = "grid"
+description = "trial overhead benchmark: {epochs} epochs"
+[model]
+units = {units}
+optimizer = "adam"
+learning_rate = 0.001
+[training]
+batch_size = {batch_size}
+epochs = {epochs}
+[grid]
+cell = {cells}
+"""
+
+SEARCH = """
+[study]
+kind = "search"
+description = "memory benchmark: varied models, small subset"
+[training]
+epochs = {epochs}
+validation = true
+[data]
+subset = {subset}
+[search.cell]
+choices = ["SimpleRNN", "LSTM", "GRU"]
+[search.units]
+type = "int"
+low = 16
+high = 96
+log = true
+[search.layers]
+type = "int"
+low = 1
+high = 2
+[search.batch_size]
+choices = [64, 128]
+[sampler]
+name = "random"
+[pruner]
+name = "none"
+"""
+
+
+def _status(key: str) -> float:
+    """A /proc/self/status figure in MiB."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class _Timed:
+    """Wrap `module.name` to add up the seconds spent in it."""
+
+    def __init__(self, module, name: str) -> None:
+        self.module, self.name, self.original, self.seconds = module, name, getattr(module, name), []
+
+        def timed(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return self.original(*args, **kwargs)
+            finally:
+                self.seconds.append(time.perf_counter() - t)
+
+        setattr(module, name, timed)
+
+    def restore(self) -> None:
+        setattr(self.module, self.name, self.original)
+
+
+def overhead(tmp: Path, cells: list[str], units: int, batch_size: int, epochs: int, subset: int | None) -> list:
+    import optuna
+
+    from tuner import artifacts, models, runner
+
+    study_file = tmp / "overhead.toml"
+    study_file.write_text(GRID.format(cells=cells, units=units, batch_size=batch_size, epochs=epochs))
+    url = f"sqlite:///{tmp}/overhead.db"
+    build, save = _Timed(models, "build_model"), _Timed(artifacts, "save_model")
+    t0 = time.perf_counter()
+    try:
+        runner.run_study(str(study_file), kind="grid", storage=url, subset=subset, study_name="overhead")
+    finally:
+        build.restore()
+        save.restore()
+    run_s = time.perf_counter() - t0
+    study = optuna.load_study(study_name="overhead", storage=url)
+    rows = []
+    for (
+        trial,
+        build_s,
+    ) in zip(study.trials, build.seconds):
+        wall = (trial.datetime_complete - trial.datetime_start).total_seconds()
+        epochs_s = [e["seconds"] for e in trial.user_attrs["history"]]
+        later = statistics.mean(epochs_s[1:]) if len(epochs_s) > 1 else epochs_s[0]
+        tracing = max(0.0, epochs_s[0] - later)
+        parts = {
+            "build_compile_s": build_s,
+            "fit_setup_s": trial.user_attrs["fit_seconds"] - sum(epochs_s),
+            "test_evaluation_s": trial.user_attrs["eval_seconds"],
+        }
+        parts["other_s"] = wall - sum(epochs_s) - sum(parts.values())  # model upload, attributes, database
+        model = trial.user_attrs["model"]
+        rows.append({
+            "config": f"{model['cell']}-{model['units']} batch {model['batch_size']}, {epochs} epochs, "
+                      f"{trial.user_attrs['n_train']} images",
+            "trial_wall_s": wall,
+            "epochs_s": epochs_s,
+            "training_s": sum(epochs_s),
+            "overhead_s": wall - sum(epochs_s),
+            "overhead_share": (wall - sum(epochs_s)) / wall,
+            "first_epoch_tracing_s": tracing,
+            "overhead_share_strict": (wall - sum(epochs_s) + tracing) / wall,
+            **parts,
+            "test_accuracy": trial.user_attrs["test_accuracy"],
+        })  # fmt: skip
+    rows[0]["model_upload_s"] = sum(save.seconds)  # only the first trial beats "the best so far" here, or both
+    rows[0]["model_uploads"] = len(save.seconds)
+    wall_sum = sum(r["trial_wall_s"] for r in rows)
+    for r in rows:
+        r["worker_setup_s"] = run_s - wall_sum  # once per worker: data, TensorFlow import, study creation
+    return rows
+
+
+def memory(tmp: Path, trials: int, subset: int, epochs: int) -> dict:
+    from tuner import runner
+
+    study_file = tmp / "memory.toml"
+    study_file.write_text(SEARCH.format(subset=subset, epochs=epochs))
+    rows = []
+    original_end = runner._Display.end
+
+    def end(self, frozen) -> None:  # the display's end-of-trial hook: read this worker's memory there
+        original_end(self, frozen)
+        rows.append({"trial": frozen.number, "state": frozen.state.name, "params": frozen.params,
+                     "rss_mib": _status("VmRSS"), "peak_rss_mib": _status("VmHWM")})  # fmt: skip
+
+    runner._Display.end = end
+    try:
+        runner.run_study(str(study_file), kind="search", storage=f"sqlite:///{tmp}/memory.db", n_trials=trials)
+    finally:
+        runner._Display.end = original_end
+    rss = [r["rss_mib"] for r in rows]
+    half = len(rss) // 2
+    n = len(rss)
+    xs = list(range(n))
+    slope = statistics.linear_regression(xs[half:], rss[half:]).slope if n - half >= 2 else float("nan")
+    return {
+        "trials": rows,
+        "rss_first_mib": rss[0],
+        "rss_last_mib": rss[-1],
+        "peak_first_half_mib": max(r["peak_rss_mib"] for r in rows[:half]),
+        "peak_last_mib": rows[-1]["peak_rss_mib"],
+        "rss_slope_second_half_mib_per_trial": slope,
+    }
+
+
+def main() -> None:
+    args = benchlib.parser(__doc__.split("\n\n")[0]).parse_args()
+    benchlib.quiet_tf()
+    machine = benchlib.machine()
+    print(f"machine: {machine}")
+    subset = 6_000 if args.quick else None
+    epochs = 2 if args.quick else 5
+    out: dict = {"machine": machine, "overhead": [], "memory": None}
+    with tempfile.TemporaryDirectory() as tmp:
+        for row in overhead(Path(tmp), ["SimpleRNN", "LSTM"], 128, 128, epochs, subset):
+            out["overhead"].append(row)
+            verdict = "met" if row["overhead_share"] <= 0.02 else "missed"
+            print(f"{row['config']}: trial {row['trial_wall_s']:.1f}s, epochs {row['training_s']:.1f}s "
+                  f"({', '.join(f'{s:.1f}' for s in row['epochs_s'])}); overhead {row['overhead_s']:.2f}s = "
+                  f"{100 * row['overhead_share']:.1f}% (goal <= 2%: {verdict}); with first-epoch tracing "
+                  f"{row['first_epoch_tracing_s']:.2f}s: {100 * row['overhead_share_strict']:.1f}%; build+compile "
+                  f"{row['build_compile_s']:.2f}s, fit set-up {row['fit_setup_s']:.2f}s, test evaluation "
+                  f"{row['test_evaluation_s']:.2f}s, other (model upload, database) "
+                  f"{row['other_s']:.2f}s; worker set-up (once) {row['worker_setup_s']:.1f}s", flush=True)  # fmt: skip
+        mem = memory(Path(tmp), trials=5 if args.quick else 20, subset=600 if args.quick else 1_200,
+                     epochs=1 if args.quick else 2)  # fmt: skip
+    out["memory"] = mem
+    print("RSS after each trial (MiB): " + " ".join(f"{r['rss_mib']:.0f}" for r in mem["trials"]))
+    print("peak RSS after each trial (MiB): " + " ".join(f"{r['peak_rss_mib']:.0f}" for r in mem["trials"]))
+    print(
+        f"RSS slope over the second half: {mem['rss_slope_second_half_mib_per_trial']:+.1f} MiB/trial; peak "
+        f"{mem['peak_first_half_mib']:.0f} MiB after the first half, {mem['peak_last_mib']:.0f} MiB at the end"
+    )
+    benchlib.write_json(args.json, out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""tuner search against KerasTuner's Hyperband and BayesianOptimization: same space, data and epoch budget.
+
+    pip install -e '.[bench]'                                            # keras-tuner, for this benchmark only
+    python bench/vs_kerastuner.py --json bench/results/vs_kerastuner.json    # about 30 minutes on 2 cores
+    python bench/vs_kerastuner.py --quick
+
+Space: cell (SimpleRNN/LSTM/GRU), units 16..96 (log), learning rate 1e-4..1e-1 (log), optimizer adam/rmsprop/sgd;
+batch 128; at most 9 epochs a trial. Data: for seed s, the 2,000 training and 333 validation images that
+`tuner search --subset 2000 --seed s` trains on (tuner.data.load), handed to KerasTuner as arrays. Models:
+every method builds them with `tuner.models.build_model`, so only the search differs.
+
+Budget: one Hyperband iteration of KerasTuner (max_epochs 9, factor 3: about 70 epochs); BayesianOptimization
+gets 8 trials of 9 epochs (72); tuner search (TPE + its default Hyperband pruner, through
+`tuner.runner.run_study`) gets trials until it has spent 70 epochs. Epochs are counted from each tool's own
+records (KerasTuner: `tuner/epochs - tuner/initial_epoch` of each Hyperband trial; tuner: `epochs_run`).
+Accuracy is what each tool reports as a trial's score: KerasTuner the best epoch's val_accuracy, tuner the last
+epoch's (pruned trials count their epochs but no score). The target is the lowest of all runs' best scores, so
+that every run reaches it; "epochs to target" is the epochs spent when a run's best score first reached it.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import benchlib
+
+SPACE = """
+[study]
+kind = "search"
+description = "vs KerasTuner: cell, units, learning rate, optimizer"
+[training]
+epochs = {epochs}
+batch_size = 128
+validation = true
+[data]
+subset = {subset}
+[search.cell]
+choices = ["SimpleRNN", "LSTM", "GRU"]
+[search.units]
+type = "int"
+low = 16
+high = 96
+log = true
+[search.learning_rate]
+type = "float"
+low = 1e-4
+high = 1e-1
+log = true
+[search.optimizer]
+choices = ["adam", "rmsprop", "sgd"]
+[sampler]
+name = "tpe"
+[pruner]
+name = "hyperband"
+"""
+
+
+def run_tuner(tmp: Path, seed: int, *, budget: int, epochs: int, subset: int) -> dict:
+    import optuna
+    from optuna.trial import TrialState
+
+    from tuner import runner
+
+    study_file = tmp / "space.toml"
+    study_file.write_text(SPACE.format(epochs=epochs, subset=subset))
+    url, name = f"sqlite:///{tmp}/tuner-{seed}.db", f"vs-kt-{seed}"
+    t0, n, spent = time.perf_counter(), 0, 0
+    while spent < budget:  # resumable: each call adds trials to the same study
+        n += 4
+        runner.run_study(str(study_file), kind="search", storage=url, n_trials=n, seed=seed, study_name=name)
+        study = optuna.load_study(study_name=name, storage=url)
+        spent = sum(t.user_attrs.get("epochs_run", 0) for t in study.trials if t.state.is_finished())
+    wall = time.perf_counter() - t0
+    timeline = []
+    for t in sorted((t for t in study.trials if t.state.is_finished()), key=lambda t: t.number):
+        score = t.value if t.state == TrialState.COMPLETE else None
+        timeline.append((t.user_attrs.get("epochs_run", 0), score))
+    return _summary("tuner search (TPE + Hyperband)", seed, timeline, wall)
+
+
+def run_kerastuner(tmp: Path, seed: int, method: str, *, splits, epochs: int, bayes_trials: int) -> dict:
+    import keras_tuner as kt
+
+    from tuner import models
+
+    def build(hp):
+        config = models.ModelConfig(
+            cell=hp.Choice("cell", ["SimpleRNN", "LSTM", "GRU"]),
+            units=hp.Int("units", 16, 96, sampling="log"),
+            learning_rate=hp.Float("learning_rate", 1e-4, 1e-1, sampling="log"),
+            optimizer=hp.Choice("optimizer", ["adam", "rmsprop", "sgd"]),
+        )
+        return models.build_model(config, seed=seed)
+
+    common = {"objective": "val_accuracy", "seed": seed, "directory": str(tmp), "overwrite": True,
+              "project_name": f"{method}-{seed}"}  # fmt: skip
+    if method == "hyperband":
+        tuner = kt.Hyperband(build, max_epochs=epochs, factor=3, hyperband_iterations=1, **common)
+    else:
+        tuner = kt.BayesianOptimization(build, max_trials=bayes_trials, **common)
+    t0 = time.perf_counter()
+    tuner.search(splits.x_train, splits.y_train, epochs=epochs, batch_size=128, verbose=0,
+                 validation_data=(splits.x_val, splits.y_val))  # fmt: skip
+    wall = time.perf_counter() - t0
+    timeline = []
+    for trial in sorted(tuner.oracle.trials.values(), key=lambda t: int(t.trial_id)):
+        values = trial.hyperparameters.values
+        trained = values.get("tuner/epochs", epochs) - values.get("tuner/initial_epoch", 0)
+        timeline.append((trained, trial.score))
+    label = {"hyperband": "KerasTuner Hyperband", "bayes": "KerasTuner BayesianOptimization"}[method]
+    return _summary(label, seed, timeline, wall)
+
+
+def _summary(method: str, seed: int, timeline: list, wall: float) -> dict:
+    spent, best, curve = 0, None, []
+    for epochs, score in timeline:
+        spent += epochs
+        if score is not None and (best is None or score > best):
+            best = score
+        curve.append((spent, best))
+    return {"method": method, "seed": seed, "trials": len(timeline), "epochs_spent": spent, "wall_s": wall,
+            "best_val_accuracy": best, "curve": curve}  # fmt: skip
+
+
+def epochs_to(curve: list, target: float) -> int | None:
+    return next((spent for spent, best in curve if best is not None and best >= target - 1e-12), None)
+
+
+def plot(runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {}
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for r in runs:
+        color = colors.setdefault(r["method"], f"C{len(colors)}")
+        xs = [x for x, y in r["curve"] if y is not None]
+        ys = [100 * y for x, y in r["curve"] if y is not None]
+        label = r["method"] if r["seed"] == runs[0]["seed"] else None
+        ax.step(xs, ys, where="post", color=color, alpha=0.8, label=label)
+    ax.set_xlabel("epochs spent")
+    ax.set_ylabel("best validation accuracy so far (%)")
+    ax.set_title("tuner search vs KerasTuner (one line per seed)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    p = benchlib.parser(__doc__.split("\n\n")[0])
+    p.add_argument("--plot", default=str(Path(__file__).with_name("vs_kerastuner.png")), help="PNG to write")
+    args = p.parse_args()
+    benchlib.quiet_tf()
+    machine = benchlib.machine()
+    print(f"machine: {machine}")
+    from tuner import data
+
+    if args.quick:
+        seeds, subset, epochs, budget, bayes_trials = [0], 600, 3, 12, 4
+    else:
+        seeds, subset, epochs, budget, bayes_trials = [0, 1, 2], 2_000, 9, 70, 8
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in seeds:
+            splits = data.load(subset=subset, validation=True, seed=seed)
+            for method in ("tuner", "hyperband", "bayes"):
+                where = Path(tmp) / f"{method}-{seed}"
+                where.mkdir()
+                if method == "tuner":
+                    r = run_tuner(where, seed, budget=budget, epochs=epochs, subset=subset)
+                else:
+                    r = run_kerastuner(where, seed, method, splits=splits, epochs=epochs, bayes_trials=bayes_trials)
+                runs.append(r)
+                print(f"seed {seed} {r['method']}: {r['trials']} trials, {r['epochs_spent']} epochs, "
+                      f"{r['wall_s']:.0f}s, best {100 * r['best_val_accuracy']:.2f}%", flush=True)  # fmt: skip
+    target = min(r["best_val_accuracy"] for r in runs)
+    for r in runs:
+        r["epochs_to_target"] = epochs_to(r["curve"], target)
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    table = {}
+    print(f"\ntarget validation accuracy {100 * target:.2f}% (the lowest best of all runs)")
+    for m in methods:
+        mine = [r for r in runs if r["method"] == m]
+        table[m] = {
+            "epochs_to_target": [r["epochs_to_target"] for r in mine],
+            "median_epochs_to_target": statistics.median(r["epochs_to_target"] for r in mine),
+            "best": [r["best_val_accuracy"] for r in mine],
+            "mean_best": statistics.mean(r["best_val_accuracy"] for r in mine),
+            "epochs_spent": [r["epochs_spent"] for r in mine],
+            "wall_s": [r["wall_s"] for r in mine],
+        }
+        t = table[m]
+        print(f"{m:34} epochs to target {t['epochs_to_target']} (median {t['median_epochs_to_target']}), best "
+              f"{', '.join(f'{100 * b:.2f}' for b in t['best'])}% (mean {100 * t['mean_best']:.2f}), "
+              f"budget {t['epochs_spent']} epochs, {', '.join(f'{w:.0f}' for w in t['wall_s'])}s")  # fmt: skip
+    ours = table[methods[0]]["median_epochs_to_target"]
+    for m in methods[1:]:
+        theirs = table[m]["median_epochs_to_target"]
+        print(f"tuner needs {ours / theirs:.2f}x the epochs of {m} to reach the target (goal <= 0.5)")
+    payload = {"machine": machine, "target": target, "budget_epochs": budget, "max_epochs": epochs,
+               "subset": subset, "seeds": seeds, "table": table, "runs": runs}  # fmt: skip
+    benchlib.write_json(args.json, payload)
+    if not args.quick:
+        plot(runs, Path(args.plot))
+
+
+if __name__ == "__main__":
+    main()
