@@ -58,7 +58,9 @@ def load_model(trial: optuna.trial.FrozenTrial, artifact_store):
 
     artifact_id = trial.user_attrs.get(MODEL_ATTR)
     if artifact_id is None:
-        raise TunerError(f"trial {trial.number} has no saved model (only a study's best-so-far trials have one)")
+        raise TunerError(
+            f"trial {trial.number} has no saved model (a study keeps the models of its five best trials so far)"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.keras")
         try:

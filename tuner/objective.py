@@ -53,7 +53,7 @@ def versions() -> dict:
 def make_objective(spec: StudySpec, splits: Splits, *, on_epoch: Callable | None = None, artifact_store=None):
     """The objective for `spec`, closing over data already in memory (never reloaded per trial).
 
-    With an artifact store, a trial that beats the study's best so far saves its model there.
+    With an artifact store, a trial among the study's five best so far saves its model there.
     """
     monitor = "val_accuracy" if splits.x_val is not None else "accuracy"
     fixed = {"epochs": spec.epochs, "seed": spec.seed, "monitor": monitor, "worker": worker_id(),
@@ -119,16 +119,15 @@ def _robust_accuracy(trial: optuna.Trial, model, splits: Splits, eps: float) -> 
     return val
 
 
+KEEP_MODELS = 5  # a study keeps the models of its five best trials so far (confusions compare the top k)
+
+
 def _beats_best(trial: optuna.Trial, value: float | tuple) -> bool:
-    """Worth saving: better than the best so far, or (two objectives) dominated by no finished trial."""
-    study = trial.study
+    """Worth saving: among the best KEEP_MODELS so far, or (two objectives) dominated by no finished trial."""
+    done = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if isinstance(value, tuple):
-        done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
         return not any(all(a >= b for a, b in zip(t.values, value)) and tuple(t.values) != value for t in done)
-    try:
-        return value > study.best_value
-    except ValueError:  # no complete trial yet
-        return True
+    return sum(t.value > value for t in done) < KEEP_MODELS
 
 
 class _EpochHook(keras.callbacks.Callback):
