@@ -91,11 +91,9 @@ def build_model(config: ModelConfig, *, seed: int, input_shape: tuple[int, int] 
     model = keras.Sequential(name=f"{config.cell.lower()}_{config.units}")
     model.add(keras.Input(shape=input_shape))
     for i in range(config.layers):
-        # unroll: the 28 steps become straight-line graph ops instead of a while_loop; same arithmetic, same
-        # figures, and 2-4x faster epochs on CPU (bench/train_speed.py, BENCHMARKS.md).
-        model.add(
-            layer_cls(config.units, return_sequences=i < config.layers - 1, dropout=config.dropout, unroll=True)
-        )
+        # unroll: the 28 steps become straight-line graph ops instead of a while_loop: same arithmetic and figures,
+        # faster epochs on CPU, a longer trace per trial (bench/train_speed.py; figures in BENCHMARKS.md).
+        model.add(layer_cls(config.units, return_sequences=i < config.layers - 1, dropout=config.dropout, unroll=True))
     model.add(keras.layers.Dense(n_classes, activation="softmax"))
     model.compile(
         optimizer=_optimizer(config),
