@@ -342,10 +342,10 @@ def attack(name: str, *, storage: str | None, artifacts_dir: str | None = None, 
     if folder is not None:
         clean = adversarial.predict(model, x).argmax(axis=1)
         fooled = adversarial.predict(model, adv).argmax(axis=1)
-        adversarial.save_grid_png(folder / f"{method}_eps{eps}{'_' + target.replace(':', 'to') if target else ''}.png",
-                                  x, adv, clean, fooled, n=8)  # fmt: skip
-        np_free = {k: (float(v) if hasattr(v, "item") else v) for k, v in figures.items()}
-        (folder / f"{method}_eps{eps}.json").write_text(json.dumps(np_free, indent=2, default=float))
+        stem = f"{method}_eps{eps}" + (f"_{source}to{goal}" if target else "")
+        adversarial.save_grid_png(folder / f"{stem}.png", x, adv, clean, fooled, n=8)
+        plain = {k: (float(v) if hasattr(v, "item") else v) for k, v in figures.items()}
+        (folder / f"{stem}.json").write_text(json.dumps(plain, indent=2, default=float))
     return "\n".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in figures.items()) + "\n"
 
 
