@@ -1,18 +1,22 @@
 """What the default pruner (Hyperband) saves: the same search with and without it, same seed.
 
-    python bench/pruning.py --json bench/results/pruning.json      # about 20 minutes on 2 cores
+    python bench/pruning.py --json bench/results/pruning.json      # about 20 minutes on 2 idle cores
     python bench/pruning.py --quick
 
-The search space is studies/search.toml's, made smaller so that 60 trials fit twice in the time: one recurrent
-layer of 16..96 units (the three cells), adam/rmsprop/sgd, learning rate 1e-4..1e-1, batch 64/128/256; the
-search's own 12 epochs and validation on 5,000 training images (833 held out). Both runs go through
-`tuner.runner.run_study` (what `tuner search` runs): TPE with seed 0, once with `--pruner hyperband` (the
-default) and once with `--pruner none`. Figures: epochs trained (the trials' own `epochs_run`), wall time, best
-validation accuracy. The picture (bench/pruning.png) is the best validation accuracy so far against epochs spent.
+The search space is studies/search.toml's, made smaller: one recurrent layer of 16..96 units (the three cells),
+adam/rmsprop/sgd, learning rate 1e-4..1e-1, batch 64/128/256; the search's own 12 epochs and validation, on
+1,500 training images (250 held out). Both runs go through `tuner.runner.run_study` (what `tuner search`
+runs): TPE with seed 0, once with `--pruner hyperband` (the default) and once with `--pruner none`, side by side
+in two processes so that both see the same machine load. Figures: epochs trained (the trials' own
+`epochs_run`), wall time, best validation accuracy. The picture (bench/pruning.png) is the best validation
+accuracy so far against epochs spent. `--trials N` sets the trials per run (60 by default).
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -50,8 +54,6 @@ name = "tpe"
 
 
 def run(tmp: Path, pruner: str, *, trials: int, epochs: int, subset: int) -> dict:
-    import optuna
-    from optuna.trial import TrialState
 
     from tuner import runner
 
@@ -63,14 +65,25 @@ def run(tmp: Path, pruner: str, *, trials: int, epochs: int, subset: int) -> dic
     runner.run_study(str(study_file), kind="search", storage=url, n_trials=trials, pruner=pruner, seed=0,
                      study_name=name)  # fmt: skip
     wall = time.perf_counter() - t0
+    return summarize(url, name, pruner, epochs=epochs, wall=wall)
+
+
+def summarize(url: str, name: str, pruner: str, *, epochs: int, wall: float | None = None, limit=None) -> dict:
+    """A run's figures from its database; with `limit`, over its first `limit` finished trials only (to compare
+    two runs cut short at the same number of trials). Wall time is then the first `limit` trials' own."""
+    import optuna
+    from optuna.trial import TrialState
+
     study = optuna.load_study(study_name=name, storage=url)
-    finished = [t for t in study.trials if t.state.is_finished()]
-    spent, curve, best = 0, [], float("-inf")
+    finished = sorted((t for t in study.trials if t.state.is_finished()), key=lambda t: t.number)[:limit]
+    spent, curve, best, best_params = 0, [], float("-inf"), None
     for t in sorted(finished, key=lambda t: t.datetime_complete):
         spent += t.user_attrs.get("epochs_run", 0)
         if t.state == TrialState.COMPLETE and t.value is not None and t.value > best:
-            best = t.value
+            best, best_params = t.value, t.params
         curve.append((spent, best if best > float("-inf") else None))
+    if wall is None or limit is not None:
+        wall = (max(t.datetime_complete for t in finished) - min(t.datetime_start for t in finished)).total_seconds()
     states = {s.name.lower(): sum(t.state == s for t in finished) for s in TrialState}
     return {
         "pruner": pruner,
@@ -79,8 +92,8 @@ def run(tmp: Path, pruner: str, *, trials: int, epochs: int, subset: int) -> dic
         "epochs_spent": spent,
         "epochs_max": len(finished) * epochs,
         "wall_s": wall,
-        "best_val_accuracy": study.best_value,
-        "best_params": study.best_params,
+        "best_val_accuracy": best,
+        "best_params": best_params,
         "curve": curve,
     }
 
@@ -109,19 +122,58 @@ def plot(runs: list[dict], path: Path) -> None:
 def main() -> None:
     p = benchlib.parser(__doc__.split("\n\n")[0])
     p.add_argument("--plot", default=str(Path(__file__).with_name("pruning.png")), help="PNG to write")
+    p.add_argument("--trials", type=int, help="trials per run (default 60; --quick 8)")
+    p.add_argument("--run", help=argparse_hidden())
+    p.add_argument("--from-dbs", nargs=2, metavar=("HYPERBAND_DB", "NONE_DB"),
+                   help="summarise two runs that were cut short, over the trials both finished")  # fmt: skip
     args = p.parse_args()
     benchlib.quiet_tf()
+    size = {"trials": 8, "epochs": 4, "subset": 1_200} if args.quick else {"trials": 60, "epochs": 12, "subset": 1_500}
+    if args.trials:
+        size["trials"] = args.trials
+    if args.run:  # one run, in its own process
+        pruner, folder = json.loads(args.run)
+        print(json.dumps(run(Path(folder), pruner, **size)), flush=True)
+        return
     machine = benchlib.machine()
     print(f"machine: {machine}")
-    size = {"trials": 8, "epochs": 4, "subset": 1_200} if args.quick else {"trials": 60, "epochs": 12, "subset": 5_000}
-    runs = []
+    if args.from_dbs:
+        import optuna
+
+        urls = [f"sqlite:///{db}" for db in args.from_dbs]
+        names = ["pruning-hyperband", "pruning-none"]
+        counts = [sum(t.state.is_finished() for t in optuna.load_study(study_name=n, storage=u).trials)
+                  for n, u in zip(names, urls)]  # fmt: skip
+        size["trials"] = min(counts)
+        runs = [summarize(u, n, n.split("-")[1], epochs=size["epochs"], limit=min(counts)) for n, u in zip(names, urls)]
+        return report(runs, size, machine, args)
     with tempfile.TemporaryDirectory() as tmp:
+        # Both runs side by side, in two processes: they share the machine's load alike, and the pair takes
+        # the time of the slower one.
+        procs = {}
         for pruner in ("hyperband", "none"):
-            r = run(Path(tmp), pruner, **size)
-            runs.append(r)
-            print(f"pruner {pruner}: {r['trials']} trials {r['states']}, {r['epochs_spent']} of {r['epochs_max']} "
-                  f"epochs, {r['wall_s']:.0f}s, best validation accuracy {100 * r['best_val_accuracy']:.2f}%",
-                  flush=True)  # fmt: skip
+            folder = Path(tmp) / pruner
+            folder.mkdir()
+            cmd = [sys.executable, __file__, "--run", json.dumps([pruner, str(folder)])]
+            if args.quick:
+                cmd.append("--quick")
+            if args.trials:
+                cmd += ["--trials", str(args.trials)]
+            procs[pruner] = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        runs = []
+        for pruner, proc in procs.items():
+            out, _ = proc.communicate()
+            lines = [line for line in out.splitlines() if line.startswith("{")]
+            if proc.returncode or not lines:
+                raise SystemExit(f"the {pruner} run failed (exit {proc.returncode})")
+            runs.append(json.loads(lines[-1]))
+    report(runs, size, machine, args)
+
+
+def report(runs: list[dict], size: dict, machine: dict, args) -> None:
+    for r in runs:
+        print(f"pruner {r['pruner']}: {r['trials']} trials {r['states']}, {r['epochs_spent']} of {r['epochs_max']} "
+              f"epochs, {r['wall_s']:.0f}s, best validation accuracy {100 * r['best_val_accuracy']:.2f}%")  # fmt: skip
     pruned, full = runs
     saved = 1 - pruned["epochs_spent"] / full["epochs_spent"]
     wall_saved = 1 - pruned["wall_s"] / full["wall_s"]
@@ -132,6 +184,12 @@ def main() -> None:
     benchlib.write_json(args.json, {"machine": machine, "summary": summary, "runs": runs})
     if not args.quick:
         plot(runs, Path(args.plot))
+
+
+def argparse_hidden():
+    import argparse
+
+    return argparse.SUPPRESS
 
 
 if __name__ == "__main__":

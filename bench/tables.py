@@ -1,0 +1,122 @@
+"""Markdown tables for BENCHMARKS.md from the benchmarks' JSON files (so no figure is copied by hand).
+
+python bench/tables.py bench/results
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def _load(folder: Path, name: str):
+    path = folder / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def train_speed(rows: list) -> str:
+    out = ["| configuration | variant | images | epoch s | floor s | ratio | ratio at the run's best rate | warm-up s "
+           "| matmul GFLOP/s | load | loss | accuracy | last-batch acc |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for r in rows:
+        out.append(f"| {r['config']} | {r['variant']} | {r['n_train']} | {r['epoch_s']:.2f} | {r['floor_s']:.2f} "
+                   f"| {r['ratio']:.2f} | {r['ratio_best']:.2f} | {r['warmup_s']:.1f} | {r['matmul_gflops']:.0f} "
+                   f"| {r['load_average_1min']:.1f} | {r['loss']:.6f} | {r['accuracy']:.6f} "
+                   f"| {r['last_batch_accuracy']:.6f} |")  # fmt: skip
+    return "\n".join(out)
+
+
+def trial_overhead(d: dict) -> str:
+    out = ["| trial | wall s | epochs s | overhead | + first-epoch tracing | build+compile s | fit set-up s "
+           "| test eval s | other s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for r in d["overhead"]:
+        out.append(f"| {r['config']} | {r['trial_wall_s']:.1f} | {r['training_s']:.1f} | "
+                   f"{r['overhead_s']:.2f} s = {100 * r['overhead_share']:.1f}% | {r['first_epoch_tracing_s']:.2f} s "
+                   f"-> {100 * r['overhead_share_strict']:.1f}% | {r['build_compile_s']:.2f} | {r['fit_setup_s']:.2f} "
+                   f"| {r['test_evaluation_s']:.2f} | {r['other_s']:.2f} |")  # fmt: skip
+    out.append("")
+    out.append(memory(d))
+    return "\n".join(out)
+
+
+def memory(d: dict) -> str:
+    out = [f"Allocator settings: {d.get('env') or 'none (glibc malloc defaults)'}", ""]
+    m = d["memory"]
+    out.append("RSS after each trial (MiB): " + ", ".join(f"{t['rss_mib']:.0f}" for t in m["trials"]))
+    out.append("")
+    out.append("Peak RSS (VmHWM) after each trial (MiB): " + ", ".join(f"{t['peak_rss_mib']:.0f}" for t in m["trials"]))
+    out.append("")
+    out.append(f"RSS slope over the second half: {m['rss_slope_second_half_mib_per_trial']:+.1f} MiB/trial; "
+               f"peak {m['peak_first_half_mib']:.0f} MiB after the first half, {m['peak_last_mib']:.0f} MiB after "
+               f"the last trial.")  # fmt: skip
+    return "\n".join(out)
+
+
+def pruning(d: dict) -> str:
+    out = ["| pruner | trials | states | epochs spent | wall s | best val acc |", "|---|---:|---|---:|---:|---:|"]
+    for r in d["runs"]:
+        out.append(f"| {r['pruner']} | {r['trials']} | {r['states']} | {r['epochs_spent']} of {r['epochs_max']} "
+                   f"| {r['wall_s']:.0f} | {100 * r['best_val_accuracy']:.2f}% |")  # fmt: skip
+    s = d["summary"]
+    out.append("")
+    out.append(f"Epochs saved {100 * s['epochs_saved']:.1f}%, wall time saved {100 * s['wall_saved']:.1f}%, best "
+               f"{s['best_gap_points']:+.2f} points behind the unpruned search.")  # fmt: skip
+    return "\n".join(out)
+
+
+def vs_kerastuner(d: dict) -> str:
+    if "table" not in d:
+        return "(partial file: run `python bench/vs_kerastuner.py --from-json FILE --json FILE` to finish it)"
+    out = [f"Budget about {d['budget_epochs']} epochs a run, at most {d['max_epochs']} a trial, {d['subset']} training "
+           f"images; seeds {d['seeds']}. Targets: {100 * d['target']:.2f}% (the lowest best of all runs) and "
+           f"{100 * d['high_target']:.2f}% (the median best).", "",
+           "| method | seeds | epochs to the low target | epochs to the median target | best val acc | epochs spent "
+           "| wall s |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for m, t in d["table"].items():
+        best = ", ".join(f"{100 * b:.2f}%" for b in t["best"])
+        out.append(f"| {m} | {t['seeds']} | {t['epochs_to_target']} | {t['epochs_to_high_target']} | {best} "
+                   f"| {t['epochs_spent']} | {', '.join(f'{w:.0f}' for w in t['wall_s'])} |")  # fmt: skip
+    return "\n".join(out)
+
+
+def storage(d: dict) -> str:
+    out = ["| database | loop | sampler | trials | ms/trial mean | first 100 | last 100 |",
+           "|---|---|---|---:|---:|---:|---:|"]  # fmt: skip
+    for r in d["overhead"]:
+        out.append(f"| {r['backend']} | {r['loop']} | {r['sampler']} | {r['trials']} | {r['ms_per_trial_mean']:.1f} "
+                   f"| {r['ms_per_trial_first100']:.1f} | {r['ms_per_trial_last100']:.1f} |")  # fmt: skip
+    out += ["", "| loop | workers | trials | elapsed s | ideal s | share of ideal |", "|---|---:|---:|---:|---:|---:|"]
+    for r in d["workers"]:
+        out.append(f"| {r['loop']} | {r['workers']} | {r['trials']} | {r['elapsed_s']:.1f} | {r['ideal_s']:.1f} "
+                   f"| {100 * r['share_of_ideal']:.1f}% |")  # fmt: skip
+    return "\n".join(out)
+
+
+def machine(folder: Path) -> str:
+    out = ["| benchmark | CPU | cores | memory GiB | TensorFlow | Keras | Optuna | load average (1 min) at start |",
+           "|---|---|---:|---:|---|---|---|---:|"]  # fmt: skip
+    for name in ("train_speed.machine", "trial_overhead", "pruning", "vs_kerastuner", "storage"):
+        d = _load(folder, name)
+        if d is None:
+            continue
+        m = d.get("machine", d)
+        out.append(f"| {name.split('.')[0]} | {m.get('cpu')} | {m.get('cores')} | {m.get('memory_gib')} "
+                   f"| {m.get('tensorflow')} | {m.get('keras')} | {m.get('optuna')} "
+                   f"| {m.get('load_average_1min'):.1f} |")  # fmt: skip
+    return "\n".join(out)
+
+
+def main() -> None:
+    folder = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).with_name("results"))
+    print(f"### machine\n\n{machine(folder)}\n")
+    for name, fn in (("train_speed", train_speed), ("trial_overhead", trial_overhead), ("memory_arena2", memory),
+                     ("memory_jemalloc", memory), ("pruning", pruning), ("vs_kerastuner", vs_kerastuner),
+                     ("storage", storage)):  # fmt: skip
+        d = _load(folder, name)
+        if d is not None:
+            print(f"### {name}\n\n{fn(d)}\n")
+
+
+if __name__ == "__main__":
+    main()
