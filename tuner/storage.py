@@ -1,34 +1,59 @@
-"""Every accepted form of "storage" turned into one Optuna RDBStorage, plus the cross-process lock it lacks.
+"""Every accepted form of "storage" turned into one Optuna RDBStorage, plus what it lacks for many workers.
 
 URLs come from `--storage`, else `TUNER_STORAGE`, else an embedded SQLite file `tuner.db`. A password may
 instead come from `TUNER_DB_PASSWORD` or a file named by `TUNER_DB_PASSWORD_FILE`, so it never has to be typed
-on a command line. `mask()` is the only form in which a URL is ever shown.
+on a command line. `mask()` is the only form in which a URL is ever shown, and `redact()` scrubs the password
+from any driver message before it is shown.
 
-The lock (`study_lock`) serialises the two steps Optuna leaves racy when many workers share a database:
-creating the schema on an empty database, and claiming the next grid cell. It is a PostgreSQL advisory lock,
-a MySQL named lock, or a file lock beside a SQLite file: no table of our own.
+Two things Optuna's RDBStorage leaves to its user when many workers share a database:
+
+- A lock (`study_lock`) to serialise the steps that are racy: creating the schema on an empty database,
+  seeding and claiming grid cells, failing a dead worker's trial and queueing it again. It is a PostgreSQL
+  advisory lock, a MySQL named lock, or a file lock beside a SQLite file: no table of our own.
+- Riding out a database restart. RDBStorage turns a dropped connection into `StorageInternalError` and gives
+  up; `pool_pre_ping` only replaces connections that died while idle in the pool. `TunerStorage` retries
+  every storage call that failed for a transient reason (server down, connection lost, starting up) with
+  exponential backoff, for up to `--db-wait` seconds from the start of the outage, then raises
+  `DatabaseUnavailable` with one line. Inside `study_lock` nothing is retried: the lock itself may have been
+  lost with the connection, so the whole locked step is retried by the caller (`retrying`) instead.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
+import logging
 import os
+import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
+from urllib.parse import quote, quote_plus
 
 import sqlalchemy
+from optuna.exceptions import StorageInternalError
+from optuna.storages import RDBStorage
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 
 from tuner.errors import StorageError
 
 DEFAULT_URL = "sqlite:///tuner.db"
 DRIVERS = {"postgresql": "postgresql+psycopg", "mysql": "mysql+pymysql", "mariadb": "mysql+pymysql"}
 CONNECT_TIMEOUT_S = 5
+DEFAULT_DB_WAIT_S = 120.0  # how long a worker waits for a database that went away before giving up
+MAX_BACKOFF_S = 10.0
+
+_log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class DatabaseUnavailable(StorageError):
+    """The database stayed unreachable for longer than the wait allowed (`--db-wait`)."""
 
 
 def resolve(url: str | None) -> URL:
@@ -74,6 +99,15 @@ def mask(url: URL | str) -> str:
         return "<unparseable storage URL>"
 
 
+def redact(text: str, url: URL) -> str:
+    """`text` with the URL's password (as typed, or URL-encoded) replaced by ***."""
+    password = url.password
+    if password:
+        for form in sorted({str(password), quote_plus(str(password)), quote(str(password), safe="")}, key=len)[::-1]:
+            text = text.replace(form, "***")
+    return text
+
+
 def sqlite_path(url: URL) -> Path | None:
     """The file of a SQLite URL (None for other databases and for in-memory SQLite)."""
     if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
@@ -95,37 +129,246 @@ def engine_kwargs(url: URL) -> dict:
     return kwargs
 
 
+def default_db_wait(create: bool = True) -> float:
+    """Seconds to wait for a database that is down: `TUNER_DB_WAIT`, else 120 for workers, 0 for readers."""
+    text = os.environ.get("TUNER_DB_WAIT")
+    if text:
+        try:
+            return max(0.0, float(text))
+        except ValueError:
+            raise StorageError(f"TUNER_DB_WAIT must be a number of seconds, got {text!r}") from None
+    return DEFAULT_DB_WAIT_S if create else 0.0
+
+
+# --- which errors are worth waiting out ------------------------------------------------------------------------
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """The exception, what caused it, and the driver's own error under SQLAlchemy's wrapper."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        orig = getattr(e, "orig", None)
+        todo.extend([orig if isinstance(orig, BaseException) else None, e.__cause__, e.__context__])
+
+
+# PostgreSQL SQLSTATEs: connection exceptions, shutdown / starting up, too many connections, serialization
+# failure and deadlock (the transaction can simply be run again), lock timeout.
+_PG_TRANSIENT_STATES = ("08", "57P01", "57P02", "57P03", "53300", "40001", "40P01", "55P03")
+_PG_TRANSIENT_FATAL = ("starting up", "shutting down", "not yet accepting", "recovery mode", "too many clients")
+# MySQL / MariaDB client and server codes: cannot connect, server gone away, lost connection, shutdown in
+# progress, too many connections, lock wait timeout, deadlock, connection killed.
+_MYSQL_TRANSIENT_CODES = {0, 1040, 1053, 1205, 1213, 1927, 2002, 2003, 2006, 2013, 2055, 4031}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for errors a restarting or briefly unreachable database causes; False for a wrong password, a
+    missing database, bad SQL, or anything that waiting will not fix."""
+    for e in _chain(exc):
+        if isinstance(e, sqlalchemy.exc.DBAPIError) and e.connection_invalidated:
+            return True
+        if isinstance(e, (sqlalchemy.exc.DisconnectionError, sqlalchemy.exc.TimeoutError)):
+            return True
+        module = type(e).__module__
+        if module.startswith("psycopg"):
+            state = getattr(e, "sqlstate", None)
+            if state:
+                return state.startswith(_PG_TRANSIENT_STATES)
+            if type(e).__name__ not in ("OperationalError", "InterfaceError"):
+                return False
+            text = str(e)
+            return "FATAL" not in text or any(s in text for s in _PG_TRANSIENT_FATAL)
+        if module.startswith("pymysql"):
+            code = e.args[0] if e.args and isinstance(e.args[0], int) else None
+            return code in _MYSQL_TRANSIENT_CODES and type(e).__name__ in ("OperationalError", "InterfaceError")
+        if module == "sqlite3":
+            return "locked" in str(e) or "busy" in str(e)
+    return False
+
+
+def _driver_message(exc: BaseException) -> str:
+    """The first line of the deepest database error under `exc` (the driver's words, not the wrappers')."""
+    message = ""
+    for e in _chain(exc):
+        if isinstance(e, SQLAlchemyError) and getattr(e, "orig", None) is not None:
+            message = str(e.orig)
+            break
+        if type(e).__module__.startswith(("psycopg", "pymysql", "sqlite3")):
+            message = str(e)
+            break
+    lines = (message or str(exc)).strip().splitlines()
+    return lines[0].strip() if lines else exc.__class__.__name__
+
+
 def describe_error(exc: BaseException, url: URL) -> str:
     """One line for a database error, with the URL masked and the driver's first line kept."""
-    detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-    first = detail[0] if detail else exc.__class__.__name__
-    password = url.password
-    if password:
-        first = first.replace(str(password), "***")
-    return f"cannot use database {mask(url)}: {first}"
+    return f"cannot use database {mask(url)}: {redact(_driver_message(exc), url)}"
+
+
+@contextlib.contextmanager
+def one_line_errors(url: URL | None) -> Iterator[None]:
+    """Database errors raised inside become a StorageError: one line, URL masked, password scrubbed."""
+    try:
+        yield
+    except (SQLAlchemyError, StorageInternalError) as exc:
+        if url is None:
+            raise
+        raise StorageError(describe_error(exc, url)) from None
+
+
+# --- waiting out an outage ---------------------------------------------------------------------------------------
+
+
+class _Health:
+    """This process's view of the database: when the current outage started, when the last error was seen."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.outage_since: float | None = None
+        self.last_failure: float | None = None
+
+    def failed(self, url: URL, exc: BaseException, wait_s: float) -> float:
+        """Record a transient failure; returns when the outage started. Says so once, if it will be waited out."""
+        now = time.monotonic()
+        with self._lock:
+            self.last_failure = now
+            if self.outage_since is None:
+                self.outage_since = now
+                if wait_s > 0:
+                    _log.warning(
+                        "database %s unavailable (%s); retrying for up to %.0fs",
+                        mask(url),
+                        redact(_driver_message(exc), url),
+                        wait_s,
+                    )
+            return self.outage_since
+
+    def ok(self, url: URL) -> None:
+        if self.outage_since is None:
+            return
+        with self._lock:
+            if self.outage_since is not None:
+                _log.warning("database %s is back after %.0fs", mask(url), time.monotonic() - self.outage_since)
+                self.outage_since = None
+
+    def quiet_for(self) -> float:
+        """Seconds since this process last saw the database fail (infinity if never)."""
+        last = self.last_failure
+        return float("inf") if last is None else time.monotonic() - last
+
+
+health = _Health()
+_STATE = threading.local()
+
+
+@contextlib.contextmanager
+def no_retry() -> Iterator[None]:
+    """Storage calls in this block, in this thread, fail at once instead of waiting for the database."""
+    before = getattr(_STATE, "no_retry", False)
+    _STATE.no_retry = True
+    try:
+        yield
+    finally:
+        _STATE.no_retry = before
+
+
+def retrying(fn: Callable[[], T], url: URL, wait_s: float) -> T:
+    """`fn()`, called again with exponential backoff while it fails for a transient reason, for up to `wait_s`
+    seconds from the start of the outage; then `DatabaseUnavailable`. Other errors pass through at once."""
+    if getattr(_STATE, "no_retry", False):
+        try:
+            result = fn()
+        except Exception as exc:
+            if is_transient(exc):
+                health.failed(url, exc, wait_s)
+            raise
+        health.ok(url)
+        return result
+    delay = 0.5
+    while True:
+        try:
+            result = fn()
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            since = health.failed(url, exc, wait_s)
+            left = since + wait_s - time.monotonic()
+            if left <= 0:
+                if wait_s <= 0:
+                    raise DatabaseUnavailable(describe_error(exc, url)) from None
+                raise DatabaseUnavailable(
+                    f"database {mask(url)} unreachable for {time.monotonic() - since:.0f}s, giving up "
+                    f"(--db-wait {wait_s:.0f}): {redact(_driver_message(exc), url)}"
+                ) from None
+            time.sleep(min(delay * random.uniform(0.75, 1.25), left))
+            delay = min(delay * 2, MAX_BACKOFF_S)
+            continue
+        health.ok(url)
+        return result
+
+
+class TunerStorage(RDBStorage):
+    """Optuna's RDBStorage, whose every database call waits out a restart (see the module docstring)."""
+
+    db_wait_s: float = 0.0
+    max_retry: int | None = 3
+
+    @functools.cached_property
+    def tuner_url(self) -> URL:
+        return make_url(self.url)
+
+
+# Every RDBStorage method that talks to the database, including the private ones _CachedStorage calls.
+_DB_METHODS = (
+    "create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr", "get_study_id_from_name",
+    "get_study_name_from_id", "get_study_directions", "get_study_user_attrs", "get_study_system_attrs",
+    "get_all_studies", "create_new_trial", "_create_new_trial", "set_trial_param", "_set_trial_param",
+    "get_trial_param", "set_trial_state_values", "set_trial_intermediate_value", "set_trial_user_attr",
+    "set_trial_system_attr", "get_trial_user_attrs", "get_trial_system_attrs",
+    "get_trial_id_from_study_id_trial_number", "get_trial", "get_all_trials", "_get_trials", "get_best_trial",
+    "_get_best_trial_id", "record_heartbeat", "_get_stale_trial_ids",
+)  # fmt: skip
+
+
+def _waiting(name: str):
+    method = getattr(RDBStorage, name)
+
+    @functools.wraps(method)
+    def call(self: TunerStorage, *args, **kwargs):
+        return retrying(lambda: method(self, *args, **kwargs), self.tuner_url, self.db_wait_s)
+
+    return call
+
+
+for _name in _DB_METHODS:
+    setattr(TunerStorage, _name, _waiting(_name))
 
 
 def check_reachable(url: URL, *, wait_s: float = 0.0) -> None:
-    """Connect once (retrying with backoff for up to `wait_s` seconds) or raise a one-line StorageError."""
+    """Connect once (waiting up to `wait_s` seconds for a database that is down) or raise a one-line error.
+
+    A wrong password or a missing database fails at once: waiting would not fix it.
+    """
     try:
         engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, **_plain(engine_kwargs(url)))
     except (NoSuchModuleError, ImportError, ArgumentError) as exc:
         raise StorageError(f"no driver for {mask(url)}: {exc}") from None
-    deadline = time.monotonic() + wait_s
-    delay = 0.5
+
+    def connect() -> None:
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT 1"))
+
     try:
-        while True:
-            try:
-                with engine.connect() as conn:
-                    conn.execute(sqlalchemy.text("SELECT 1"))
-                return
-            except OperationalError as exc:
-                if time.monotonic() + delay > deadline:
-                    raise StorageError(describe_error(exc, url)) from None
-                time.sleep(delay)
-                delay = min(delay * 2, 10.0)
-            except SQLAlchemyError as exc:
-                raise StorageError(describe_error(exc, url)) from None
+        retrying(connect, url, wait_s)
+    except DatabaseUnavailable as exc:
+        raise DatabaseUnavailable(str(exc).replace(" unreachable for", " still unreachable after", 1)) from None
+    except SQLAlchemyError as exc:
+        raise StorageError(describe_error(exc, url)) from None
     finally:
         engine.dispose()
 
@@ -139,9 +382,13 @@ _LOCAL = threading.Lock()
 
 @contextlib.contextmanager
 def study_lock(url: URL, name: str, *, timeout_s: float = 120.0) -> Iterator[None]:
-    """Hold a lock named `name` across every process sharing this database, for a few milliseconds' work."""
+    """Hold a lock named `name` across every process sharing this database, for a few milliseconds' work.
+
+    Storage calls inside do not wait out an outage (the lock may have gone with the connection): the block
+    raises, and the caller runs the whole step again under `retrying`.
+    """
     backend = url.get_backend_name()
-    with _LOCAL:
+    with _LOCAL, no_retry():
         if backend == "sqlite":
             path = sqlite_path(url)
             if path is None:
@@ -159,7 +406,7 @@ def study_lock(url: URL, name: str, *, timeout_s: float = 120.0) -> Iterator[Non
         key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
         with engine.connect() as conn:
             if backend == "postgresql":
-                conn.execute(sqlalchemy.text("SET lock_timeout = :ms").bindparams(ms=f"{int(timeout_s * 1000)}"))
+                conn.execute(sqlalchemy.text(f"SET lock_timeout = {int(timeout_s * 1000)}"))
                 conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
                 release = sqlalchemy.text("SELECT pg_advisory_unlock(:k)")
                 params: dict = {"k": key}
@@ -176,8 +423,15 @@ def study_lock(url: URL, name: str, *, timeout_s: float = 120.0) -> Iterator[Non
             try:
                 yield
             finally:
-                conn.execute(release, params)
-                conn.commit()
+                try:
+                    conn.execute(release, params)
+                    conn.commit()
+                except SQLAlchemyError as exc:
+                    # The connection died, and the server released the lock with it. Drop the connection;
+                    # an error from the block itself (if any) is the one that matters.
+                    if not is_transient(exc):
+                        raise
+                    conn.invalidate()
 
 
 _ENGINES: dict[str, sqlalchemy.Engine] = {}
@@ -196,35 +450,55 @@ def open_storage(
     create: bool,
     heartbeat_s: int = 10,
     grace_s: int | None = None,
-    wait_s: float = 0.0,
+    wait_s: float | None = None,
     max_retry: int | None = 3,
-):
+) -> TunerStorage:
     """An Optuna RDBStorage on `url`, with heartbeats so a killed worker's trial is noticed and re-run.
 
     `create=False` is for commands that only read: a SQLite file that does not exist is an error, not a new
     empty database. Schema creation is done under the lock, so workers starting together on an empty
     database do not race each other.
+
+    `wait_s` (default: `default_db_wait`) bounds how long any call waits for a database that went away, for
+    the life of the storage. A database that cannot be reached at all when the storage is opened is an error
+    at once, unless a wait was asked for (`wait_s` or TUNER_DB_WAIT): a wrong host or port should not look
+    like a hang, while workers started before their database can be told to wait for it.
     """
     import optuna
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
 
+    asked = wait_s is not None or bool(os.environ.get("TUNER_DB_WAIT"))
+    wait_s = default_db_wait(create) if wait_s is None else wait_s
     path = sqlite_path(url)
     if path is not None and not create and not path.is_file():
         raise StorageError(f"no database at {path}: run a study first, or pass --storage")
     if path is not None and not path.parent.is_dir():
         raise StorageError(f"cannot create database {path}: folder {path.parent} does not exist")
-    check_reachable(url, wait_s=wait_s)
+    check_reachable(url, wait_s=wait_s if asked else 0.0)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
+
+    def make() -> TunerStorage:
         with study_lock(url, "tuner:schema"):
-            return RDBStorage(
+            storage = TunerStorage(
                 url.render_as_string(hide_password=False),
                 engine_kwargs=engine_kwargs(url),
                 heartbeat_interval=heartbeat_s,
                 grace_period=grace_s or 3 * heartbeat_s,
+                # Used if Optuna's own loop (study.optimize) ever runs on this storage; tuner's loop requeues
+                # a dead worker's trial itself (tuner.study.Reaper), under the study lock.
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=max_retry),
             )
-    except SQLAlchemyError as exc:
-        raise StorageError(describe_error(exc, url)) from None
+        storage.db_wait_s, storage.max_retry = wait_s, max_retry
+        return storage
+
+    try:
+        with one_line_errors(url):
+            return retrying(make, url, wait_s)
     except RuntimeError as exc:  # e.g. a schema made by a newer Optuna
-        raise StorageError(f"cannot use database {mask(url)}: {str(exc).splitlines()[0]}") from None
+        raise StorageError(f"cannot use database {mask(url)}: {redact(str(exc).splitlines()[0], url)}") from None
+
+
+def backend(study) -> TunerStorage | None:
+    """The TunerStorage under a study (Optuna wraps it in a cache), or None for any other storage."""
+    storage = getattr(study._storage, "_backend", study._storage)
+    return storage if isinstance(storage, TunerStorage) else None

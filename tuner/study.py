@@ -1,23 +1,44 @@
 """Optuna studies for tuner: sampler and pruner from the spec, and the worker loop that runs trials.
 
-The loop is what makes many workers on one database safe. A grid is seeded once, under the study lock, with
-one queued trial per missing cell; workers only ever take queued trials (again under the lock), so no cell is
-trained twice while its first run is alive. A worker that dies stops sending heartbeats; the next worker to
-look fails its trial and Optuna's retry callback queues the cell again. Ctrl-C or SIGTERM hands the running
-trial back the same way before the worker exits.
+The loop is what makes many workers on one database safe:
+
+- Every trial starts as a queued (WAITING) trial and is taken by `claim` under the study lock, which
+  records its first heartbeat before the trial becomes RUNNING: no trial is ever RUNNING without one, so
+  none can be running forever unnoticed. A grid is seeded once, under the same lock, with one queued trial
+  per missing cell; grid workers never create a trial of their own, so GridSampler never picks a cell twice,
+  and a queued cell that is already running or complete is dropped, not trained again.
+- A worker that dies stops sending heartbeats. After the grace period (3 intervals) the `Reaper` of any
+  other worker (a thread of its own, every interval, even while that worker trains) fails its trial and
+  queues its cell again, under the lock. The heartbeat thread only beats: no lock can hold a beat up. A
+  worker with nothing to claim waits while trials still run elsewhere, so a dead worker's cell is always
+  re-run by a survivor. Ctrl-C or SIGTERM hands the running trial back the same way.
+- Every storage call waits out a database restart (tuner.storage), and so does every step of the loop. A
+  trial's result is told again until it is stored. Right after an outage no trial is reaped for one grace
+  period, so that heartbeats held up by the same outage can catch up.
 """
 
 from __future__ import annotations
 
+import _thread
 import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import optuna
-from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
-from optuna.trial import TrialState
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import FrozenTrial, TrialState, create_trial
 from sqlalchemy.engine import URL
 
 from tuner import storage as storages
@@ -26,6 +47,9 @@ from tuner.spec import StudySpec, cell_key
 
 SPEC_ATTR = "tuner:spec"
 POLL_S = 2.0
+T = TypeVar("T")
+
+_log = logging.getLogger(__name__)
 
 
 def make_sampler(spec: StudySpec, seed: int) -> optuna.samplers.BaseSampler:
@@ -44,6 +68,8 @@ def make_sampler(spec: StudySpec, seed: int) -> optuna.samplers.BaseSampler:
 
 
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
+    if spec.objective == "robust":  # Optuna prunes single-objective studies only
+        return optuna.pruners.NopPruner()
     if spec.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=spec.epochs, reduction_factor=3)
     if spec.pruner == "successive-halving":
@@ -53,15 +79,37 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
+def worker_id() -> str:
+    """Who runs a trial, as `tuner studies` shows it."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _locked(storage, url: URL, name: str, step: Callable[[], object]):
+    """`step()` under the study lock `name`; the whole step runs again if the database drops meanwhile."""
+
+    def attempt():
+        with storages.study_lock(url, name):
+            return step()
+
+    with storages.one_line_errors(url):
+        return storages.retrying(attempt, url, _db_wait(storage))
+
+
+def _db_wait(storage) -> float:
+    """How long the storage's calls wait for a database that is down (under Optuna's cache, if wrapped)."""
+    return getattr(getattr(storage, "_backend", storage), "db_wait_s", 0.0)
+
+
 def open_study(storage, url: URL, spec: StudySpec, study_name: str) -> optuna.Study:
     """Create the study, or join it if it exists with the same design (running twice is safe)."""
-    with storages.study_lock(url, f"tuner:create:{study_name}"):
+
+    def create() -> optuna.Study:
         study = optuna.create_study(
             storage=storage,
             study_name=study_name,
             sampler=make_sampler(spec, spec.seed),
             pruner=make_pruner(spec),
-            direction="maximize",
+            directions=["maximize", "maximize"] if spec.objective == "robust" else ["maximize"],
             load_if_exists=True,
         )
         stored = study.user_attrs.get(SPEC_ATTR)
@@ -69,11 +117,26 @@ def open_study(storage, url: URL, spec: StudySpec, study_name: str) -> optuna.St
             study.set_user_attr(SPEC_ATTR, spec.to_dict())
         else:
             _check_same_design(StudySpec.from_dict(stored), spec, study_name)
-    return study
+        return study
+
+    return _locked(storage, url, f"tuner:create:{study_name}", create)
 
 
 def _check_same_design(old: StudySpec, new: StudySpec, study_name: str) -> None:
-    fields = ("kind", "grid", "space", "model", "batch_size", "epochs", "seed", "subset", "data", "validation")
+    fields = (
+        "kind",
+        "grid",
+        "space",
+        "model",
+        "batch_size",
+        "epochs",
+        "seed",
+        "subset",
+        "data",
+        "validation",
+        "objective",
+        "robust_eps",
+    )
     changed = [f for f in fields if getattr(old, f) != getattr(new, f)]
     if changed:
         raise SpecError(
@@ -84,64 +147,383 @@ def _check_same_design(old: StudySpec, new: StudySpec, study_name: str) -> None:
 
 def load_study(storage, study_name: str) -> tuple[optuna.Study, StudySpec | None]:
     """An existing study and the spec stored with it (None for studies tuner did not make)."""
-    try:
-        study = optuna.load_study(study_name=study_name, storage=storage)
-    except KeyError:
-        names = ", ".join(s.study_name for s in storage.get_all_studies()) or "none"
-        raise StudyNotFound(f"no study named {study_name!r} in this database (studies: {names})") from None
-    stored = study.user_attrs.get(SPEC_ATTR)
-    return study, (StudySpec.from_dict(stored) if stored else None)
+    rdb = getattr(storage, "_backend", storage)
+    with storages.one_line_errors(rdb.tuner_url if isinstance(rdb, storages.TunerStorage) else None):
+        try:
+            study = optuna.load_study(study_name=study_name, storage=storage)
+        except KeyError:
+            names = ", ".join(s.study_name for s in storage.get_all_studies()) or "none"
+            raise StudyNotFound(f"no study named {study_name!r} in this database (studies: {names})") from None
+        stored = study.user_attrs.get(SPEC_ATTR)
+        return study, (StudySpec.from_dict(stored) if stored else None)
 
 
-def _trial_params(t: optuna.trial.FrozenTrial) -> dict:
-    return t.params or t.system_attrs.get("fixed_params", {})
+def _trial_params(t: FrozenTrial) -> dict:
+    """A trial's cell: its queued parameters, and those it has suggested so far (a running trial may have
+    suggested only some of them: its queued ones still say which cell it is)."""
+    return {**t.system_attrs.get("fixed_params", {}), **t.params}
 
 
-def seed_grid(study: optuna.Study, spec: StudySpec, url: URL) -> int:
-    """Queue one trial for every cell that has none waiting, running or complete. Returns how many."""
+def _grid_names(study: optuna.Study) -> list[str] | None:
+    """The grid's parameter names, from the spec stored with the study (None for a search)."""
+    stored = study.user_attrs.get(SPEC_ATTR) or {}
+    return list(stored["grid"]) if stored.get("kind") == "grid" else None
+
+
+def _claim_lock(study: optuna.Study) -> str:
+    return f"tuner:claim:{study.study_name}"
+
+
+def seed_grid(study: optuna.Study, spec: StudySpec, url: URL, *, retry_errors: bool = True) -> int:
+    """Queue one trial for every cell that has none waiting, running or complete. Returns how many.
+
+    With `retry_errors=False` (the loop's re-check) a cell whose last trial raised an error is left alone:
+    it is retried when the command is run again, not over and over by the same workers.
+    """
     names = list(spec.grid)
-    with storages.study_lock(url, f"tuner:claim:{study.study_name}"):
+
+    def seed() -> int:
+        trials = study.get_trials(deepcopy=False)
         live = {TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE}
-        covered = {cell_key(_trial_params(t), names) for t in study.get_trials(deepcopy=False) if t.state in live}
-        missing = [c for c in spec.cells() if cell_key(c, names) not in covered]
+        covered = {cell_key(_trial_params(t), names) for t in trials if t.state in live}
+        errored = set()
+        if not retry_errors:
+            last = {cell_key(_trial_params(t), names): t for t in sorted(trials, key=lambda t: t.number)}
+            errored = {k for k, t in last.items() if t.state.is_finished() and "error" in t.user_attrs}
+        missing = [c for c in spec.cells() if cell_key(c, names) not in covered | errored]
         for cell in missing:
             study.enqueue_trial(cell)
-    return len(missing)
+        return len(missing)
+
+    return _locked(study._storage, url, _claim_lock(study), seed)
 
 
-def claim(study: optuna.Study, url: URL, *, new_trials_left: Callable[[list], bool] | None) -> optuna.Trial | None:
-    """The next trial for this worker, or None. Only queued trials, unless `new_trials_left` allows a new one."""
-    with storages.study_lock(url, f"tuner:claim:{study.study_name}"):
+def _drop_duplicates(study: optuna.Study, trials: list[FrozenTrial], names: list[str]) -> list[FrozenTrial]:
+    """The queued trials worth running: a queued cell that is already running or complete (or queued twice,
+    which only an ambiguous commit during a database restart can cause) is failed, with `duplicate_of`."""
+    storage = study._storage
+    busy = (TrialState.RUNNING, TrialState.COMPLETE)
+    taken = {cell_key(_trial_params(t), names): t.number for t in trials if t.state in busy}
+    keep = []
+    for t in sorted((t for t in trials if t.state == TrialState.WAITING), key=lambda t: t._trial_id):
+        key = cell_key(_trial_params(t), names)
+        if key in taken:
+            storage.set_trial_user_attr(t._trial_id, "duplicate_of", taken[key])
+            storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+        else:
+            taken[key] = t.number
+            keep.append(t)
+    return keep
+
+
+def claim(
+    study: optuna.Study,
+    url: URL,
+    *,
+    new_trials_left: Callable[[list], bool] | None,
+    grid_names: list[str] | None = None,
+) -> optuna.Trial | None:
+    """The next trial for this worker, or None: a queued one, else (if `new_trials_left` allows) a new one.
+
+    Under the study lock: nobody else can pop or queue meanwhile. The trial's first heartbeat is recorded
+    while it is still queued, so it is never RUNNING without one.
+    """
+    storage = study._storage
+
+    def take() -> optuna.Trial | None:
         trials = study.get_trials(deepcopy=False)
-        if any(t.state == TrialState.WAITING for t in trials) or (
-            new_trials_left is not None and new_trials_left(trials)
-        ):
-            trial = study.ask()  # pops a queued trial first: nobody else can pop while we hold the lock
-            # A running trial without a heartbeat is never taken for dead: record one before letting go.
-            study._storage.record_heartbeat(trial._trial_id)
-            return trial
-    return None
+        if grid_names is not None:
+            waiting = _drop_duplicates(study, trials, grid_names)
+        else:
+            waiting = sorted((t for t in trials if t.state == TrialState.WAITING), key=lambda t: t._trial_id)
+        if not waiting:
+            if new_trials_left is None or not new_trials_left(trials):
+                return None
+            study.add_trial(create_trial(state=TrialState.WAITING))  # the sampler fills it in when it runs
+            waiting = [t for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))]
+            waiting.sort(key=lambda t: t._trial_id)
+        storage.record_heartbeat(waiting[0]._trial_id)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*Heartbeat of storage.*")
+            trial = study.ask()  # pops the queued trial with the lowest id: the one just given a heartbeat
+        storage.record_heartbeat(trial._trial_id)
+        storage.set_trial_user_attr(trial._trial_id, "worker", worker_id())
+        return trial
+
+    return _locked(storage, url, _claim_lock(study), take)
+
+
+def fail_and_requeue(study: optuna.Study, trial_id: int, reason: str, *, max_retry: int | None = None) -> bool:
+    """Fail a RUNNING trial and queue its parameters again, with Optuna's retry bookkeeping (`failed_trial`,
+    `retry_history`, as RetryHeartbeatStaleTrialCallback keeps it) and the reason in `interrupted`. After
+    `max_retry` retries of the same parameters it is given up instead, with an `error` saying why.
+
+    Call under the study lock. Returns False if the trial had finished meanwhile (nothing is done then).
+    """
+    storage = study._storage
+    frozen = storage.get_trial(trial_id)
+    if frozen.state != TrialState.RUNNING:
+        return False
+    history = [*frozen.system_attrs.get("retry_history", []), frozen.number]
+    give_up = max_retry is not None and len(history) > max_retry
+    try:  # attributes first: a finished trial takes none
+        storage.set_trial_user_attr(trial_id, "interrupted", reason)
+        if give_up:
+            storage.set_trial_user_attr(trial_id, "error", f"not retried: {reason}, {len(history)} times in a row")
+        if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+            return False
+    except UpdateFinishedTrialError:  # its worker told its result just now
+        return False
+    if not give_up:
+        system_attrs = {
+            "fixed_params": _trial_params(frozen),
+            "failed_trial": frozen.system_attrs.get("failed_trial", frozen.number),
+            "retry_history": history,
+        }
+        waiting = create_trial(
+            state=TrialState.WAITING,
+            params=frozen.params,
+            distributions=frozen.distributions,
+            system_attrs=system_attrs,
+        )
+        study.add_trial(waiting)
+    return True
+
+
+class Reaper:
+    """Fails the trials whose heartbeat stopped (their worker died or lost the database) and queues them again.
+
+    Skipped for one grace period after this process saw the database fail: other workers' heartbeats were
+    held up by the same outage and get a chance to resume first.
+    """
+
+    def __init__(self, study: optuna.Study, url: URL) -> None:
+        self.study, self.url = study, url
+        rdb = storages.backend(study)
+        interval = rdb.get_heartbeat_interval() if rdb else None
+        self.enabled = interval is not None
+        self.grace = (rdb.grace_period or 2 * interval) if self.enabled else 0
+        self.max_retry = rdb.max_retry if rdb else None
+
+    def __call__(self) -> int:
+        """Reap now; returns how many trials were failed and queued again."""
+        if not self.enabled or storages.health.quiet_for() < self.grace:
+            return 0
+        storage, study_id = self.study._storage, self.study._study_id
+        if not storage._get_stale_trial_ids(study_id):  # the common case, without taking the lock
+            return 0
+
+        def reap() -> int:
+            stale = storage._get_stale_trial_ids(study_id)  # again, under the lock
+            return sum(
+                fail_and_requeue(self.study, trial_id, self._reason(trial_id), max_retry=self.max_retry)
+                for trial_id in stale
+            )
+
+        return _locked(storage, self.url, _claim_lock(self.study), reap)
+
+    def _reason(self, trial_id: int) -> str:
+        who = self.study._storage.get_trial_user_attrs(trial_id).get("worker", "its worker")
+        return f"no heartbeat from {who} for {self.grace}s"
+
+
+class StopRequest:
+    """Ctrl-C and SIGTERM, made to stick while trials run.
+
+    Python raises KeyboardInterrupt wherever the main thread happens to be, and when that is inside a garbage
+    collector callback (SQLAlchemy and TensorFlow have many) the exception is printed and dropped: the worker
+    would train on as if nothing was asked. So the signal is also noted here; the loop checks the note between
+    steps, and the heartbeat thread raises KeyboardInterrupt in the main thread again if it was lost.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.at: float | None = None
+        self.signum = signal.SIGINT
+        self.handled = False
+        self.armed = False  # set while a trial's objective runs: the only time `nudge` interrupts
+        self._previous: dict = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in self.SIGNALS:
+            previous = signal.getsignal(sig)
+            if callable(previous):  # only signals that already raise; default or ignored ones are left alone
+                self._previous[sig] = previous
+                signal.signal(sig, self._handler)
+
+    def uninstall(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+    def _handler(self, signum, frame) -> None:
+        self.at, self.signum = time.monotonic(), signum
+        self._previous[signum](signum, frame)
+
+    def check(self) -> None:
+        """Raise KeyboardInterrupt if a stop was asked for and not acted on yet."""
+        if self.at is not None and not self.handled:
+            self.handled = True
+            raise KeyboardInterrupt
+
+    def nudge(self) -> None:
+        """From another thread: interrupt the main thread again if the first interrupt was lost."""
+        if self.armed and self.at is not None and not self.handled and time.monotonic() - self.at > 1.0:
+            self.at = time.monotonic()
+            _thread.interrupt_main(self.signum)  # runs the handler above again, in the main thread
+
+
+# The heartbeat process: its first line on stdin says where to write (so the URL, password included, is in no
+# command line or environment); then it beats every interval for the trial id last read ("-": none), and exits
+# at EOF, that is when its worker exits or is killed. It imports Optuna only.
+_BEATER = r"""
+import json, os, select, sys, time
+import optuna
+from optuna.storages import RDBStorage
+optuna.logging.set_verbosity(optuna.logging.ERROR)
+interval, grace = float(sys.argv[1]), float(sys.argv[2])
+config, storage, trial, due, last, buf = None, None, None, 0.0, None, b""
+while True:
+    wait = None if trial is None else max(0.0, due - time.monotonic())
+    if select.select([0], [], [], wait)[0]:
+        chunk = os.read(0, 4096)
+        if not chunk:
+            break
+        *lines, buf = (buf + chunk).split(b"\n")
+        for line in lines:
+            if config is None:
+                config = json.loads(line)
+            else:
+                trial, due, last = (None if line.strip() == b"-" else int(line)), 0.0, None
+        continue
+    started = time.monotonic()
+    try:
+        if storage is None:  # it reads the schema version: the database must be up
+            storage = RDBStorage(config["url"], engine_kwargs=config["engine"], skip_compatibility_check=True,
+                                 skip_table_creation=True)
+        storage.record_heartbeat(trial)
+    except Exception:
+        last = None  # a database blip: the next beat retries (and the gap is the outage's, not slowness)
+    else:
+        now = time.monotonic()
+        if last is not None and now - last > grace / 2:
+            print(f"heartbeat of trial id {trial} came {now - last:.1f}s after the last one (grace {grace:.0f}s): "
+                  "the machine or the database is slow for this --heartbeat", file=sys.stderr, flush=True)
+        last = now
+    due = started + interval
+"""
+
+
+class Beater:
+    """Records the running trial's heartbeat from a small process of its own.
+
+    A thread is not enough: TensorFlow's main thread holds the GIL for long stretches on a busy machine (beats
+    seen 7s apart with a 2s interval), and a trial whose beats come later than the grace period is taken for
+    dead while it runs. The process shares nothing with TensorFlow; it stops beating when its worker dies.
+    If it cannot be started, or dies, the heartbeat thread beats instead.
+    """
+
+    def __init__(self, study: optuna.Study) -> None:
+        self.proc: subprocess.Popen | None = None
+        rdb = storages.backend(study)
+        interval = rdb.get_heartbeat_interval() if rdb else None
+        if rdb is None or interval is None:
+            return
+        grace = rdb.grace_period or 2 * interval
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", _BEATER, str(interval), str(grace)],
+                stdin=subprocess.PIPE,
+                start_new_session=True,  # a Ctrl-C at the terminal is for the worker, which then closes stdin
+            )
+        except OSError as exc:
+            _log.warning("no heartbeat process (%s): heartbeats come from a thread", exc)
+            return
+        self._send(json.dumps({"url": rdb.url, "engine": rdb.engine_kwargs}))
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def _send(self, line: str) -> None:
+        if self.alive:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.write(f"{line}\n".encode())
+                self.proc.stdin.flush()
+
+    def beat(self, trial_id: int | None) -> None:
+        self._send("-" if trial_id is None else str(trial_id))
+
+    def close(self) -> None:
+        if self.proc is None:
+            return
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 @contextlib.contextmanager
-def heartbeat(storage, trial_id: int) -> Iterator[None]:
-    """Record this trial's heartbeat in the background while it runs."""
+def heartbeat(
+    study: optuna.Study, trial_id: int, stop: StopRequest | None = None, beater: Beater | None = None
+) -> Iterator[None]:
+    """Record this trial's heartbeat while it runs: from `beater`'s process if it is alive, else from a
+    thread. The thread also makes sure a Ctrl-C or SIGTERM reaches the main thread."""
+    storage = study._storage
     interval = storage.get_heartbeat_interval()
-    stop = threading.Event()
+    if interval is None:
+        yield
+        return
+    if beater is not None:
+        beater.beat(trial_id)
+    done = threading.Event()
 
     def beat() -> None:
-        while not stop.is_set():
-            with contextlib.suppress(Exception):  # a database blip: the next beat tries again
-                storage.record_heartbeat(trial_id)
-            stop.wait(interval)
+        while not done.is_set():
+            started = time.monotonic()
+            if beater is None or not beater.alive:
+                with storages.no_retry(), contextlib.suppress(Exception):  # a blip: the next beat retries
+                    storage.record_heartbeat(trial_id)
+            if stop is not None:
+                stop.nudge()
+            pause = min(interval, 1.0) if stop is not None and stop.at is not None else interval
+            done.wait(max(0.0, pause - (time.monotonic() - started)))
 
     thread = threading.Thread(target=beat, name=f"heartbeat-{trial_id}", daemon=True)
     thread.start()
     try:
         yield
     finally:
-        stop.set()
-        thread.join()
+        done.set()
+        if beater is not None:
+            beater.beat(None)
+        thread.join(timeout=2 * storages.CONNECT_TIMEOUT_S)
+
+
+@contextlib.contextmanager
+def reaping(reaper: Reaper, interval: float) -> Iterator[None]:
+    """Run the reaper every `interval` seconds in a thread of its own, so that a dead worker's trial is
+    noticed on time even while this worker trains (its own heartbeat thread never waits on the lock)."""
+    done = threading.Event()
+
+    def run() -> None:
+        while not done.wait(interval):
+            with storages.no_retry(), contextlib.suppress(Exception):  # the loop's own reaper call retries
+                reaper()
+
+    thread = threading.Thread(target=run, name="reaper", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(timeout=2 * storages.CONNECT_TIMEOUT_S)
 
 
 @dataclass
@@ -149,15 +531,44 @@ class Progress:
     """What the loop tells the terminal; the CLI supplies the callbacks."""
 
     on_trial_start: Callable[[optuna.Trial], None] = lambda trial: None
-    on_trial_end: Callable[[optuna.trial.FrozenTrial], None] = lambda frozen: None
+    on_trial_end: Callable[[FrozenTrial], None] = lambda frozen: None
     on_wait: Callable[[int], None] = lambda running: None
 
 
-def hand_back(study: optuna.Study, trial: optuna.Trial, reason: str) -> None:
-    """Fail the trial and queue its parameters again, as Optuna does for a trial whose worker died."""
-    study._storage.set_trial_user_attr(trial._trial_id, "interrupted", reason)
-    frozen = study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
-    RetryHeartbeatStaleTrialCallback()(study, frozen)
+def hand_back(study: optuna.Study, trial: optuna.Trial, reason: str, url: URL | None = None) -> None:
+    """Fail the trial and queue its parameters again, as for a trial whose worker died. One attempt: this
+    runs on the way out (Ctrl-C, SIGTERM); if the database is down, the heartbeat timeout does it later."""
+    url = url or storages.backend(study).tuner_url
+    try:
+        with storages.study_lock(url, _claim_lock(study)):
+            fail_and_requeue(study, trial._trial_id, reason)
+    except Exception as exc:  # best effort, on the way out
+        _log.warning("could not hand trial %d back (%s): it is re-run once its heartbeat is stale", trial.number, exc)
+
+
+def _finish(study: optuna.Study, trial: optuna.Trial, url: URL, wait_s: float, **tell) -> tuple[FrozenTrial, bool]:
+    """Tell the trial's outcome, again and again until the database takes it. Returns the stored trial and
+    whether it was lost: failed meanwhile by another worker that took this one for dead."""
+    storage, trial_id = study._storage, trial._trial_id
+    error = tell.pop("error", None)
+    value = tell.get("values")
+    values = value if isinstance(value, (list, tuple)) else [value]  # one objective, or several
+    finite = value is not None and all(v is not None and math.isfinite(v) for v in values)
+    expected = tell.get("state") or (TrialState.COMPLETE if finite else TrialState.FAIL)
+
+    def attempt() -> tuple[FrozenTrial, bool]:
+        try:
+            if error is not None:
+                storage.set_trial_user_attr(trial_id, "error", error)
+            return study.tell(trial, **tell), False
+        except (ValueError, UpdateFinishedTrialError):
+            frozen = storage.get_trial(trial_id)
+            if not frozen.state.is_finished():
+                raise
+            # Finished already: by our own earlier attempt whose reply the outage swallowed, or by a reaper.
+            return frozen, frozen.state != expected or "interrupted" in frozen.user_attrs
+
+    return storages.retrying(attempt, url, wait_s)
 
 
 def run_trials(
@@ -170,37 +581,90 @@ def run_trials(
     progress: Progress | None = None,
     deadline: float | None = None,
 ) -> None:
-    """Run trials until `done(trials)`; wait (re-checking for stale trials) while others still run some."""
-    progress = progress or Progress()
-    storage = study._storage
-    while True:
-        fail_stale_trials(study)  # a dead worker's trial: failed here, queued again by the retry callback
-        if deadline is not None and time.monotonic() > deadline:
-            return
-        trial = claim(study, url, new_trials_left=new_trials_left)
-        if trial is None:
-            trials = study.get_trials(deepcopy=False)
-            running = sum(t.state == TrialState.RUNNING for t in trials)
-            if done(trials) or running == 0:
-                return
-            progress.on_wait(running)
-            time.sleep(POLL_S)
-            continue
-        progress.on_trial_start(trial)
-        try:
-            with heartbeat(storage, trial._trial_id):
-                value = objective(trial)
-        except optuna.TrialPruned:
-            frozen = study.tell(trial, state=TrialState.PRUNED)
-        except KeyboardInterrupt:
-            hand_back(study, trial, "interrupted")
-            raise
-        except Exception as exc:  # a failing trial is recorded and the worker goes on to the next
-            storage.set_trial_user_attr(trial._trial_id, "error", f"{exc.__class__.__name__}: {exc}"[:2000])
-            frozen = study.tell(trial, state=TrialState.FAIL)
-        else:
-            frozen = study.tell(trial, value)
-        progress.on_trial_end(frozen)
+    """Run trials until `done(trials)`; wait (re-checking for dead workers' trials) while others still run some.
+
+    Raises `DatabaseUnavailable` if the database stays down longer than the storage's `db_wait_s` (the trial
+    being run is then left RUNNING, and re-run by another worker once its heartbeat is stale), and a one-line
+    StorageError for any other database error.
+    """
+    stop = StopRequest()
+    stop.install()
+    try:
+        with storages.one_line_errors(url):
+            _Loop(study, url, objective, progress or Progress(), stop).run(new_trials_left, done, deadline)
+    finally:
+        stop.uninstall()
+
+
+class _Loop:
+    """One worker's loop: reap, claim, run, tell; wait while others run; stop when done."""
+
+    def __init__(self, study: optuna.Study, url: URL, objective, progress: Progress, stop: StopRequest) -> None:
+        self.study, self.url, self.objective, self.progress, self.stop = study, url, objective, progress, stop
+        self.wait_s = _db_wait(study._storage)
+        self.interval = study._storage.get_heartbeat_interval()
+        self.poll_s = min(POLL_S, self.interval) if self.interval else POLL_S
+        self.reaper = Reaper(study, url)
+
+    def retry(self, step: Callable[[], T]) -> T:
+        return storages.retrying(step, self.url, self.wait_s)
+
+    def run(self, new_trials_left, done, deadline: float | None) -> None:
+        study, url = self.study, self.url
+        grid_names = self.retry(lambda: _grid_names(study))
+        spec = None if grid_names is None else self.retry(lambda: StudySpec.from_dict(study.user_attrs[SPEC_ATTR]))
+        self.beater = Beater(study)
+        with contextlib.closing(self.beater), reaping(self.reaper, self.interval or POLL_S):
+            while True:
+                self.stop.check()
+                self.reaper()
+                if deadline is not None and time.monotonic() > deadline:
+                    return
+                trial = claim(study, url, new_trials_left=new_trials_left, grid_names=grid_names)
+                if trial is not None:
+                    self.run_one(trial)
+                    continue
+                trials = self.retry(lambda: study.get_trials(deepcopy=False))
+                if done(trials):
+                    return
+                running = sum(t.state == TrialState.RUNNING for t in trials)
+                if running == 0:
+                    # Nothing queued, nothing running, not done: a cell whose requeue was lost (e.g. its reaper
+                    # died midway) is queued again; cells that raised errors are left for the next run.
+                    if spec is not None and seed_grid(study, spec, url, retry_errors=False):
+                        continue
+                    return
+                self.progress.on_wait(running)
+                time.sleep(self.poll_s)
+
+    def run_one(self, trial: optuna.Trial) -> None:
+        """Run one claimed trial and store its outcome; on Ctrl-C or SIGTERM, hand it back and re-raise."""
+        self.progress.on_trial_start(trial)
+        with heartbeat(self.study, trial._trial_id, self.stop, self.beater):  # until the result is stored
+            try:
+                self.stop.armed = True  # from here the heartbeat thread re-raises a lost interrupt
+                try:
+                    outcome: dict = {"values": self.objective(trial)}
+                finally:
+                    self.stop.armed = False
+            except optuna.TrialPruned:
+                outcome = {"state": TrialState.PRUNED}
+            except KeyboardInterrupt:
+                self.stop.handled = True
+                hand_back(self.study, trial, "interrupted", self.url)
+                raise
+            except storages.DatabaseUnavailable:
+                raise
+            except Exception as exc:  # a failing trial is recorded and the worker goes on to the next
+                outcome = {"state": TrialState.FAIL, "error": f"{exc.__class__.__name__}: {exc}"[:2000]}
+            frozen, lost = _finish(self.study, trial, self.url, self.wait_s, **outcome)
+        if lost:
+            _log.warning(
+                "trial %d was taken for dead while it ran (no heartbeat reached the database in time): "
+                "its result is discarded and its parameters were queued again",
+                frozen.number,
+            )
+        self.progress.on_trial_end(frozen)
 
 
 def grid_done(spec: StudySpec) -> Callable[[list], bool]:
