@@ -7,6 +7,7 @@ tuner report lr-batch                             # its tables beside the docume
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import signal
 import sys
@@ -309,6 +310,21 @@ def _emit(text: str, output: str | None) -> None:
         click.echo(text, nl=False)
 
 
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.argument("n", type=click.IntRange(min=1))
+@click.argument("command", nargs=-1, type=click.UNPROCESSED, required=True)
+def workers(n: int, command: tuple[str, ...]) -> None:
+    """Start N local worker processes running the same tuner command, e.g. `tuner workers 4 -- grid lr-batch`.
+
+    Their output lines are prefixed [w1]..[wN]; Ctrl-C or SIGTERM is passed on to every worker (each hands its
+    trial back); the exit status is the worst of theirs. Use a PostgreSQL or MySQL --storage, or the default
+    SQLite file for one machine.
+    """
+    from tuner import workers as local
+
+    sys.exit(local.run_workers(n, list(command)))
+
+
 @cli.command()
 @click.argument("names", nargs=-1, required=True, metavar="STUDY [STUDY...]")
 @click.option(
@@ -363,6 +379,13 @@ def main() -> None:
     # Optuna flags heartbeats and the retry callback as experimental, and warns that heartbeats are meant for
     # study.optimize; tuner's own worker loop drives them (tuner.study), so these warnings are noise to users.
     warnings.filterwarnings("ignore", message=".*(experimental|Heartbeat of storage).*")
+    # tuner's own notices (a database gone and back) print as plain lines on stderr.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log = logging.getLogger("tuner")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
     cli(prog_name="tuner")
 
 

@@ -9,9 +9,7 @@ selects on validation accuracy; test accuracy is recorded to report, never retur
 from __future__ import annotations
 
 import math
-import os
 import platform
-import socket
 from collections.abc import Callable
 
 import keras
@@ -21,6 +19,7 @@ from optuna_integration.keras import KerasPruningCallback
 from tuner import artifacts, models
 from tuner.data import Splits
 from tuner.spec import StudySpec
+from tuner.study import worker_id
 
 
 def suggest(trial: optuna.Trial, spec: StudySpec) -> dict:
@@ -36,10 +35,6 @@ def suggest(trial: optuna.Trial, spec: StudySpec) -> dict:
         else:
             params[p.name] = trial.suggest_float(p.name, p.low, p.high, log=p.log)
     return params
-
-
-def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def versions() -> dict:

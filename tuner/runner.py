@@ -69,6 +69,7 @@ def run_study(
     kind: str,
     storage: str | None,
     heartbeat: int = 10,
+    db_wait: float | None = None,
     n_trials: int | None = None,
     timeout: float | None = None,
     from_studies: tuple[str, ...] = (),
@@ -79,7 +80,7 @@ def run_study(
     """Create or resume the study and work on it until it is complete (or, for a search, has its trials)."""
     spec, splits, name = prepare(study_file, kind=kind, **options)
     url = storages.resolve(storage)
-    storage_obj = storages.open_storage(url, create=True, heartbeat_s=heartbeat)
+    storage_obj = storages.open_storage(url, create=True, heartbeat_s=heartbeat, wait_s=db_wait)
     sources = [_load_tuner_study(storage_obj, source) for source in from_studies]  # checked before writing
     quiet_import_tensorflow()
     from tuner import artifacts
