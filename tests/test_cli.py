@@ -184,3 +184,19 @@ def test_default_storage_is_tuner_db_in_the_working_directory(run, tiny_grid, tm
     assert run("grid", tiny_grid, *QUICK).exit_code == 0
     assert (tmp_path / "tuner.db").is_file()
     assert len(trials(f"sqlite:///{tmp_path / 'tuner.db'}", "tiny-epochs1-subset300")) == 4
+
+
+def test_workers_command_shares_one_grid_between_local_processes(tiny_grid, tmp_path):
+    db = f"sqlite:///{tmp_path / 'w.db'}"
+    out = subprocess.run(
+        [sys.executable, "-m", "tuner.cli", "workers", "2", "--", "grid", str(tiny_grid), *QUICK, "--storage", db,
+         "--study-name", "w"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "[w1]" in out.stderr and "[w2]" in out.stderr
+    done = trials(db, "w")
+    assert [t.state for t in done].count(TrialState.COMPLETE) == 4
+    assert (
+        len({(t.params["learning_rate"], t.params["batch_size"]) for t in done if t.state == TrialState.COMPLETE}) == 4
+    )
