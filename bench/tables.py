@@ -35,8 +35,9 @@ def trial_overhead(d: dict) -> str:
                    f"{r['overhead_s']:.2f} s = {100 * r['overhead_share']:.1f}% | {r['first_epoch_tracing_s']:.2f} s "
                    f"-> {100 * r['overhead_share_strict']:.1f}% | {r['build_compile_s']:.2f} | {r['fit_setup_s']:.2f} "
                    f"| {r['test_evaluation_s']:.2f} | {r['other_s']:.2f} |")  # fmt: skip
-    out.append("")
-    out.append(memory(d))
+    if d.get("memory"):
+        out.append("")
+        out.append(memory(d))
     return "\n".join(out)
 
 
@@ -81,22 +82,38 @@ def vs_kerastuner(d: dict) -> str:
 
 
 def storage(d: dict) -> str:
-    out = ["| database | loop | sampler | trials | ms/trial mean | first 100 | last 100 |",
-           "|---|---|---|---:|---:|---:|---:|"]  # fmt: skip
-    for r in d["overhead"]:
-        out.append(f"| {r['backend']} | {r['loop']} | {r['sampler']} | {r['trials']} | {r['ms_per_trial_mean']:.1f} "
-                   f"| {r['ms_per_trial_first100']:.1f} | {r['ms_per_trial_last100']:.1f} |")  # fmt: skip
-    out += ["", "| loop | workers | trials | elapsed s | ideal s | share of ideal |", "|---|---:|---:|---:|---:|---:|"]
+    out = []
+    if d.get("overhead"):
+        out += ["| database | loop | sampler | trials | ms/trial mean | first 100 | last 100 |",
+                "|---|---|---|---:|---:|---:|---:|"]  # fmt: skip
+        for r in d["overhead"]:
+            out.append(f"| {r['backend']} | {r['loop']} | {r['sampler']} | {r['trials']} "
+                       f"| {r['ms_per_trial_mean']:.1f} | {r['ms_per_trial_first100']:.1f} "
+                       f"| {r['ms_per_trial_last100']:.1f} |")  # fmt: skip
+        out.append("")
+    out += ["| loop | workers | trials | elapsed s | ideal s | share of ideal | first trial late by s "
+            "| share from the first trial |", "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in d["workers"]:
+        late = f"{r['late_start_s']:.1f}" if "late_start_s" in r else "-"
+        first = f"{100 * r['share_of_ideal_from_first_trial']:.1f}%" if "late_start_s" in r else "-"
         out.append(f"| {r['loop']} | {r['workers']} | {r['trials']} | {r['elapsed_s']:.1f} | {r['ideal_s']:.1f} "
-                   f"| {100 * r['share_of_ideal']:.1f}% |")  # fmt: skip
+                   f"| {100 * r['share_of_ideal']:.1f}% | {late} | {first} |")  # fmt: skip
     return "\n".join(out)
 
 
 def machine(folder: Path) -> str:
     out = ["| benchmark | CPU | cores | memory GiB | TensorFlow | Keras | Optuna | load average (1 min) at start |",
            "|---|---|---:|---:|---|---|---|---:|"]  # fmt: skip
-    for name in ("train_speed.machine", "trial_overhead", "pruning", "vs_kerastuner", "storage"):
+    for name in (
+        "train_speed.machine",
+        "trial_overhead",
+        "memory_arena2",
+        "memory_jemalloc",
+        "pruning",
+        "vs_kerastuner",
+        "storage",
+        "storage_workers",
+    ):
         d = _load(folder, name)
         if d is None:
             continue
@@ -110,9 +127,11 @@ def machine(folder: Path) -> str:
 def main() -> None:
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).with_name("results"))
     print(f"### machine\n\n{machine(folder)}\n")
-    for name, fn in (("train_speed", train_speed), ("trial_overhead", trial_overhead), ("memory_arena2", memory),
+    for name, fn in (("train_speed", train_speed), ("train_speed_rerun", train_speed),
+                     ("trial_overhead", trial_overhead), ("trial_overhead_rerun", trial_overhead),
+                     ("memory_arena2", memory),
                      ("memory_jemalloc", memory), ("pruning", pruning), ("vs_kerastuner", vs_kerastuner),
-                     ("storage", storage)):  # fmt: skip
+                     ("storage", storage), ("storage_workers", storage)):  # fmt: skip
         d = _load(folder, name)
         if d is not None:
             print(f"### {name}\n\n{fn(d)}\n")

@@ -196,6 +196,7 @@ def _env() -> dict:
 def main() -> None:
     p = benchlib.parser(__doc__.split("\n\n")[0])
     p.add_argument("--memory-only", action="store_true", help="only the 20-trial memory run")
+    p.add_argument("--overhead-only", action="store_true", help="only the two 5-epoch trials")
     args = p.parse_args()
     benchlib.quiet_tf()
     machine = benchlib.machine()
@@ -214,6 +215,8 @@ def main() -> None:
                   f"{row['build_compile_s']:.2f}s, fit set-up {row['fit_setup_s']:.2f}s, test evaluation "
                   f"{row['test_evaluation_s']:.2f}s, other (model upload, database) "
                   f"{row['other_s']:.2f}s; worker set-up (once) {row['worker_setup_s']:.1f}s", flush=True)  # fmt: skip
+        if args.overhead_only:
+            return benchlib.write_json(args.json, out)
         mem = memory(Path(tmp), trials=5 if args.quick else 20, subset=600 if args.quick else 1_200,
                      epochs=1 if args.quick else 2)  # fmt: skip
     out["memory"] = mem

@@ -163,8 +163,13 @@ def main() -> None:
         partial = json.loads(Path(args.from_json).read_text())
         defaults = {"budget_epochs": 70, "max_epochs": 9, "subset": 1_000}  # a partial file written before the meta
         meta = {k: partial.get(k, v) for k, v in defaults.items()}
-        meta["seeds"] = sorted({r["seed"] for r in partial["runs"]})
-        return finish(partial["runs"], partial["machine"], meta, args)
+        methods = {r["method"] for r in partial["runs"]}
+        whole = sorted(s for s in {r["seed"] for r in partial["runs"]}
+                       if {r["method"] for r in partial["runs"] if r["seed"] == s} == methods)  # fmt: skip
+        meta["seeds"] = whole  # only seeds that every method finished are compared
+        meta["dropped_runs"] = [{k: r[k] for k in ("method", "seed", "epochs_spent", "best_val_accuracy", "wall_s")}
+                                for r in partial["runs"] if r["seed"] not in whole]  # fmt: skip
+        return finish([r for r in partial["runs"] if r["seed"] in whole], partial["machine"], meta, args)
     benchlib.quiet_tf()
     machine = benchlib.machine()
     print(f"machine: {machine}")
