@@ -91,9 +91,14 @@ def build_model(config: ModelConfig, *, seed: int, input_shape: tuple[int, int] 
     model = keras.Sequential(name=f"{config.cell.lower()}_{config.units}")
     model.add(keras.Input(shape=input_shape))
     for i in range(config.layers):
-        # unroll: the 28 steps become straight-line graph ops instead of a while_loop: same arithmetic and figures,
-        # faster epochs on CPU, a longer trace per trial (bench/train_speed.py; figures in BENCHMARKS.md).
-        model.add(layer_cls(config.units, return_sequences=i < config.layers - 1, dropout=config.dropout, unroll=True))
+        # SimpleRNN unrolls its 28 steps into straight-line ops instead of a while_loop: the same arithmetic and
+        # figures, a 12% faster epoch at load 3 on 2 cores (2x at load 16). LSTM and GRU gained nothing at load 3
+        # (GRU lost 19%) and traced up to 6 s longer per trial, so they keep the loop (bench/train_speed.py,
+        # BENCHMARKS.md).
+        unroll = config.cell == "SimpleRNN"
+        model.add(
+            layer_cls(config.units, return_sequences=i < config.layers - 1, dropout=config.dropout, unroll=unroll)
+        )
     model.add(keras.layers.Dense(n_classes, activation="softmax"))
     model.compile(
         optimizer=_optimizer(config),
