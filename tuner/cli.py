@@ -176,13 +176,19 @@ def artifacts_option(f):
     show_default=True,
     help="With --from, how many of a differently measured study's best configurations to queue.",
 )
+@click.option(
+    "--objective",
+    type=click.Choice(["accuracy", "robust"]),
+    help="accuracy (default): validation accuracy. robust: two objectives, clean and FGSM validation accuracy at "
+    "the study file's robust_eps (default 0.1); trials are not pruned.",
+)
 @artifacts_option
 @run_options
 def search(study_file: str, **options) -> None:
     """Search learning rate, batch size, units, cell, optimiser, layers and dropout, pruning bad trials.
 
     Trials are chosen on validation accuracy (the last 10,000 training images); test accuracy is recorded
-    only to report. The best model so far is saved as an Optuna artifact. Resumable and shareable like the
+    only to report. The models of the five best trials are saved as Optuna artifacts. Resumable and shareable like the
     grids: the same command on several machines against one database works on one study.
     """
     from tuner import runner
