@@ -200,3 +200,11 @@ def test_workers_command_shares_one_grid_between_local_processes(tiny_grid, tmp_
     assert (
         len({(t.params["learning_rate"], t.params["batch_size"]) for t in done if t.state == TrialState.COMPLETE}) == 4
     )
+
+
+def test_a_one_cell_grid_runs(run, tmp_path, db):
+    path = tmp_path / "one.toml"
+    path.write_text("[model]\nunits = 8\n[grid]\nlearning_rate = [0.001]\n")
+    result = run("grid", path, *QUICK, "--storage", db, "--study-name", "one")
+    assert result.exit_code == 0, result.output
+    assert [t.state for t in trials(db, "one")] == [TrialState.COMPLETE]

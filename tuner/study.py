@@ -52,10 +52,21 @@ T = TypeVar("T")
 _log = logging.getLogger(__name__)
 
 
+class QueuedGridSampler(optuna.samplers.GridSampler):
+    """GridSampler for grids whose cells all arrive as queued trials (seed_grid).
+
+    Its `after_trial` decides when a grid is exhausted from grid ids that queued trials never carry (and
+    raises KeyError for a one-cell grid); here the worker loop decides when the grid is done, so it does nothing.
+    """
+
+    def after_trial(self, study, trial, state, values) -> None:
+        return None
+
+
 def make_sampler(spec: StudySpec, seed: int) -> optuna.samplers.BaseSampler:
     if spec.sampler == "grid":
         # Seed fixed at 0 for every worker: GridSampler's cell order must agree across processes.
-        return optuna.samplers.GridSampler(spec.grid, seed=0)
+        return QueuedGridSampler(spec.grid, seed=0)
     if spec.sampler == "tpe":
         return optuna.samplers.TPESampler(seed=seed)
     if spec.sampler == "random":
