@@ -99,6 +99,8 @@ def test_robust_objective_is_two_objectives(run, tmp_path):
     assert len(study.directions) == 2
     for t in study.trials:
         assert t.values[1] == pytest.approx(t.user_attrs["robust_val_accuracy"]) and t.values[1] <= 1
+    best = run("best", "robust", "--storage", db)
+    assert best.exit_code == 0 and "(the same model)" in best.output, best.output
     report = run("report", "robust", "--storage", db, "--plots", tmp_path / "plots")
     assert report.exit_code == 0 and "Pareto front" in report.output
     assert (tmp_path / "plots" / "pareto_front.png").is_file()

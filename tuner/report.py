@@ -577,7 +577,8 @@ def best_text(study, trial, test_again: float) -> str:
     params = ", ".join(f"{k}={v}" for k, v in trial.params.items())
     lines = [
         f"best trial of {study.study_name}: #{trial.number} ({params})",
-        f"  objective (validation accuracy for a search, test accuracy for a grid): {trial.value:.4f}",
+        "  objective (validation accuracy for a search, test accuracy for a grid; robust: clean, FGSM): "
+        + ", ".join(f"{v:.4f}" for v in trial.values),
         f"  test accuracy recorded: {_f(recorded)}; saved model re-evaluated now: {test_again:.4f} "
         + ("(the same model)" if same else "(DIFFERS from the record)"),
         f"  model artifact: {trial.user_attrs.get('model_artifact')}",
