@@ -31,7 +31,6 @@ import subprocess
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
@@ -231,37 +230,59 @@ def claim(
     study: optuna.Study,
     url: URL,
     *,
-    new_trials_left: Callable[[list], bool] | None,
+    new_trials_left: Callable[[dict[TrialState, int]], bool] | None,
     grid_names: list[str] | None = None,
 ) -> optuna.Trial | None:
-    """The next trial for this worker, or None: a queued one, else (if `new_trials_left` allows) a new one.
+    """The next trial for this worker, or None: a queued one, else (if `new_trials_left(counts)` allows, with
+    the study's trial counts by state) a new one.
 
-    Under the study lock: nobody else can pop or queue meanwhile. The trial's first heartbeat is recorded
-    while it is still queued, so it is never RUNNING without one.
+    Under the study lock, the trial is taken: nobody else can pop or queue meanwhile, and its first heartbeat
+    is recorded while it is still queued, so it is never RUNNING without one. The sampler runs after the lock
+    is released (it may take a while on a large study), so workers do not queue up behind it.
     """
     storage = study._storage
+    rdb = storages.backend(study)
 
-    def take() -> optuna.Trial | None:
-        trials = study.get_trials(deepcopy=False)
+    def take() -> int | None:
         if grid_names is not None:
-            waiting = _drop_duplicates(study, trials, grid_names)
+            waiting = _drop_duplicates(study, study.get_trials(deepcopy=False), grid_names)
+            trial_id = waiting[0]._trial_id if waiting else None
+        elif rdb is not None:  # one statement each, not a re-read of every unfinished trial
+            trial_id = rdb.first_waiting_trial_id(study._study_id)
         else:
-            waiting = sorted((t for t in trials if t.state == TrialState.WAITING), key=lambda t: t._trial_id)
-        if not waiting:
-            if new_trials_left is None or not new_trials_left(trials):
+            waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+            trial_id = min((t._trial_id for t in waiting), default=None)
+        if trial_id is None:
+            if new_trials_left is None or not new_trials_left(_counts(study)):
                 return None
-            study.add_trial(create_trial(state=TrialState.WAITING))  # the sampler fills it in when it runs
-            waiting = [t for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))]
-            waiting.sort(key=lambda t: t._trial_id)
-        storage.record_heartbeat(waiting[0]._trial_id)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*Heartbeat of storage.*")
-            trial = study.ask()  # pops the queued trial with the lowest id: the one just given a heartbeat
-        storage.record_heartbeat(trial._trial_id)
-        storage.set_trial_user_attr(trial._trial_id, "worker", worker_id())
-        return trial
+            # A new trial, queued: the sampler fills it in when it runs.
+            trial_id = storage.create_new_trial(study._study_id, template_trial=create_trial(state=TrialState.WAITING))
+        storage.record_heartbeat(trial_id)
+        if not storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
+            raise RuntimeError(f"trial id {trial_id} was taken outside the study lock")  # never by tuner's workers
+        return trial_id
 
-    return _locked(storage, url, _claim_lock(study), take)
+    trial_id = _locked(storage, url, _claim_lock(study), take)
+    if trial_id is None:
+        return None
+
+    def start() -> optuna.Trial:
+        study._thread_local.cached_all_trials = None  # as Study.ask does
+        return optuna.Trial(study, trial_id)
+
+    trial = storages.retrying(start, url, _db_wait(storage))
+    storage.set_trial_user_attr(trial_id, "worker", worker_id())
+    return trial
+
+
+def _counts(study: optuna.Study) -> dict[TrialState, int]:
+    rdb = storages.backend(study)
+    if rdb is not None:
+        return rdb.count_trials(study._study_id)
+    counts: dict[TrialState, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        counts[t.state] = counts.get(t.state, 0) + 1
+    return counts
 
 
 def fail_and_requeue(study: optuna.Study, trial_id: int, reason: str, *, max_retry: int | None = None) -> bool:
@@ -315,11 +336,16 @@ class Reaper:
         self.enabled = interval is not None
         self.grace = (rdb.grace_period or 2 * interval) if self.enabled else 0
         self.max_retry = rdb.max_retry if rdb else None
+        self.last = -math.inf
 
-    def __call__(self) -> int:
-        """Reap now; returns how many trials were failed and queued again."""
+    def __call__(self, *, min_gap_s: float = 0.0) -> int:
+        """Reap now (unless this reaper looked less than `min_gap_s` ago); returns how many trials were failed
+        and queued again."""
         if not self.enabled or storages.health.quiet_for() < self.grace:
             return 0
+        if time.monotonic() - self.last < min_gap_s:
+            return 0
+        self.last = time.monotonic()
         storage, study_id = self.study._storage, self.study._study_id
         if not storage._get_stale_trial_ids(study_id):  # the common case, without taking the lock
             return 0
@@ -628,7 +654,7 @@ class _Loop:
         with contextlib.closing(self.beater), reaping(self.reaper, self.interval or POLL_S):
             while True:
                 self.stop.check()
-                self.reaper()
+                self.reaper(min_gap_s=self.poll_s)  # the reaping thread looks every interval too
                 if deadline is not None and time.monotonic() > deadline:
                     return
                 trial = claim(study, url, new_trials_left=new_trials_left, grid_names=grid_names)
@@ -688,12 +714,15 @@ def grid_done(spec: StudySpec) -> Callable[[list], bool]:
     return done
 
 
-def search_budget(n_trials: int) -> tuple[Callable[[list], bool], Callable[[list], bool]]:
-    """`--trials N` counts the study's trials in total: finished (complete or pruned) plus running."""
+def search_budget(n_trials: int) -> tuple[Callable[[dict[TrialState, int]], bool], Callable[[list], bool]]:
+    """`--trials N` counts the study's trials in total: finished (complete or pruned) plus running.
+
+    Returns `left(counts)`, on the study's trial counts by state, and `done(trials)`.
+    """
     counted = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 
-    def left(trials: list) -> bool:
-        return sum(t.state in counted for t in trials) < n_trials
+    def left(counts: dict[TrialState, int]) -> bool:
+        return sum(counts.get(state, 0) for state in counted) < n_trials
 
     def done(trials: list) -> bool:
         return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) >= n_trials
