@@ -145,6 +145,42 @@ def test_divergence_stops_the_trial_at_once():
     assert result.test_accuracy is None
 
 
+def test_training_leaves_no_traced_graph_alive():
+    """Each trained model used to keep its train-step graphs alive through TensorFlow's gradient registry
+    (tuner.models.forget_traced_gradients): no graph and no registry entry may outlive its trial."""
+    import gc
+
+    import keras
+    from tensorflow.python.framework.func_graph import FuncGraph
+
+    from tuner import data, models
+
+    splits = data.load(subset=300, validation=True)
+    registry = models._gradient_registry()
+    assert registry is not None, "TensorFlow moved its gradient registry: tuner.models cannot clean it"
+
+    def trial():
+        model = models.build_model(models.ModelConfig(cell="LSTM", units=8), seed=0)
+        models.train(model, splits, batch_size=64, epochs=1, seed=0)
+        del model
+        keras.backend.clear_session()
+        gc.collect()
+        return len(registry), sum(isinstance(o, FuncGraph) for o in gc.get_objects())
+
+    first = trial()
+    assert trial() == first == trial()
+    assert first[1] == 0
+
+
+def test_malloc_arenas_are_capped_unless_the_environment_says(monkeypatch):
+    from tuner import models
+
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert models.limit_malloc_arenas() is False
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    assert models.limit_malloc_arenas() is True  # glibc Linux: the machines tuner supports
+
+
 @pytest.mark.parametrize(
     ("edit", "needle"),
     [
