@@ -1,15 +1,16 @@
-"""What the default pruner (Hyperband) saves: the same search with and without it, same seed.
+"""What the default pruner saves: the same search with and without it, same seed.
 
     python bench/pruning.py --json bench/results/pruning.json      # about 20 minutes on 2 idle cores
+    python bench/pruning.py --pruners hyperband,successive-halving --json bench/results/pruning.json
     python bench/pruning.py --quick
 
 The search space is studies/search.toml's, made smaller: one recurrent layer of 16..96 units (the three cells),
 adam/rmsprop/sgd, learning rate 1e-4..1e-1, batch 64/128/256; the search's own 12 epochs and validation, on
 1,500 training images (250 held out). Both runs go through `tuner.runner.run_study` (what `tuner search`
-runs): TPE with seed 0, once with `--pruner hyperband` (the default) and once with `--pruner none`, side by side
-in two processes so that both see the same machine load. Figures: epochs trained (the trials' own
-`epochs_run`), wall time, best validation accuracy. The picture (bench/pruning.png) is the best validation
-accuracy so far against epochs spent. `--trials N` sets the trials per run (60 by default).
+runs): TPE with seed 0, once with each pruner of `--pruners` (the default pruner unless told) and once with
+`--pruner none`, side by side in one process each so that all see the same machine load. Figures: epochs
+trained (the trials' own `epochs_run`), wall time, best validation accuracy. The picture (bench/pruning.png) is
+the best validation accuracy so far against epochs spent. `--trials N` sets the trials per run (60 by default).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import time
 from pathlib import Path
 
 import benchlib
+
+from tuner.spec import DEFAULT_SEARCH_PRUNER
 
 SPACE = """
 [study]
@@ -123,6 +126,11 @@ def main() -> None:
     p = benchlib.parser(__doc__.split("\n\n")[0])
     p.add_argument("--plot", default=str(Path(__file__).with_name("pruning.png")), help="PNG to write")
     p.add_argument("--trials", type=int, help="trials per run (default 60; --quick 8)")
+    p.add_argument(
+        "--pruners",
+        default=DEFAULT_SEARCH_PRUNER,
+        help="pruners to compare with none, comma-separated (default: tuner search's default)",
+    )
     p.add_argument("--run", help=argparse_hidden())
     p.add_argument("--from-dbs", nargs=2, metavar=("HYPERBAND_DB", "NONE_DB"),
                    help="summarise two runs that were cut short, over the trials both finished")  # fmt: skip
@@ -151,7 +159,7 @@ def main() -> None:
         # Both runs side by side, in two processes: they share the machine's load alike, and the pair takes
         # the time of the slower one.
         procs = {}
-        for pruner in ("hyperband", "none"):
+        for pruner in [*args.pruners.split(","), "none"]:
             folder = Path(tmp) / pruner
             folder.mkdir()
             cmd = [sys.executable, __file__, "--run", json.dumps([pruner, str(folder)])]
@@ -174,14 +182,18 @@ def report(runs: list[dict], size: dict, machine: dict, args) -> None:
     for r in runs:
         print(f"pruner {r['pruner']}: {r['trials']} trials {r['states']}, {r['epochs_spent']} of {r['epochs_max']} "
               f"epochs, {r['wall_s']:.0f}s, best validation accuracy {100 * r['best_val_accuracy']:.2f}%")  # fmt: skip
-    pruned, full = runs
-    saved = 1 - pruned["epochs_spent"] / full["epochs_spent"]
-    wall_saved = 1 - pruned["wall_s"] / full["wall_s"]
-    gap = 100 * (full["best_val_accuracy"] - pruned["best_val_accuracy"])
-    print(f"epochs saved {100 * saved:.1f}% (goal >= 60%), wall time saved {100 * wall_saved:.1f}%, best "
-          f"{gap:+.2f} points behind the unpruned search (goal <= 0.2)")  # fmt: skip
-    summary = {"epochs_saved": saved, "wall_saved": wall_saved, "best_gap_points": gap, **size}
-    benchlib.write_json(args.json, {"machine": machine, "summary": summary, "runs": runs})
+    *pruned_runs, full = runs
+    summaries = []
+    for pruned in pruned_runs:
+        saved = 1 - pruned["epochs_spent"] / full["epochs_spent"]
+        wall_saved = 1 - pruned["wall_s"] / full["wall_s"]
+        gap = 100 * (full["best_val_accuracy"] - pruned["best_val_accuracy"])
+        print(f"{pruned['pruner']}: epochs saved {100 * saved:.1f}% (goal >= 60%), wall time saved "
+              f"{100 * wall_saved:.1f}%, best {gap:+.2f} points behind the unpruned search (goal <= 0.2)")  # fmt: skip
+        summaries.append({"pruner": pruned["pruner"], "epochs_saved": saved, "wall_saved": wall_saved,
+                          "best_gap_points": gap, **size})  # fmt: skip
+    benchlib.write_json(args.json, {"machine": machine, "summary": summaries[0], "summaries": summaries,
+                                    "runs": runs})  # fmt: skip
     if not args.quick:
         plot(runs, Path(args.plot))
 

@@ -59,10 +59,11 @@ def pruning(d: dict) -> str:
     for r in d["runs"]:
         out.append(f"| {r['pruner']} | {r['trials']} | {r['states']} | {r['epochs_spent']} of {r['epochs_max']} "
                    f"| {r['wall_s']:.0f} | {100 * r['best_val_accuracy']:.2f}% |")  # fmt: skip
-    s = d["summary"]
     out.append("")
-    out.append(f"Epochs saved {100 * s['epochs_saved']:.1f}%, wall time saved {100 * s['wall_saved']:.1f}%, best "
-               f"{s['best_gap_points']:+.2f} points behind the unpruned search.")  # fmt: skip
+    for s in d.get("summaries", [d["summary"]]):
+        out.append(f"{s.get('pruner', 'hyperband')}: epochs saved {100 * s['epochs_saved']:.1f}%, wall time saved "
+                   f"{100 * s['wall_saved']:.1f}%, best {s['best_gap_points']:+.2f} points behind the unpruned "
+                   "search.  ")  # fmt: skip
     return "\n".join(out)
 
 

@@ -86,6 +86,7 @@ def child(job: dict) -> dict:
     train = data.Splits(x, y, None, None, full.x_test, full.y_test, full.source)
     config = models.ModelConfig(cell=job["cell"], units=job["units"])
     if job.get("shipped"):
+        models.limit_malloc_arenas()  # as the objective does for every worker
         model = models.build_model(config, seed=0)
     else:  # build_model as it was before any speed lever, plus this variant's levers
         keras.backend.clear_session()

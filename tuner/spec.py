@@ -26,6 +26,7 @@ MODEL_KEYS = tuple(f.name for f in dataclasses.fields(ModelConfig))
 PARAM_KEYS = (*MODEL_KEYS, "batch_size")
 SAMPLERS = ("grid", "tpe", "random", "gp", "cmaes")
 PRUNERS = ("hyperband", "successive-halving", "median", "none")
+DEFAULT_SEARCH_PRUNER = "hyperband"
 CHECKS = ("chance_level", "converges", "flat", "separates", "gain", "best_gain", "not_worth", "best")
 TRAIN_FIGURES = ("last_batch", "mean")
 OBJECTIVES = ("accuracy", "robust")
@@ -200,7 +201,7 @@ def parse(raw: dict, *, default_name: str = "study") -> StudySpec:
         grid={k: list(v) for k, v in grid.items()},
         space=space,
         sampler=sampler.get("name", "grid" if kind == "grid" else "tpe"),
-        pruner=pruner.get("name", "none" if kind == "grid" else "hyperband"),
+        pruner=pruner.get("name", "none" if kind == "grid" else DEFAULT_SEARCH_PRUNER),
         report=report,
         reference=tuple(_reference(i, r) for i, r in enumerate(raw.get("reference", []))),
         claims=tuple(_claim(i, c) for i, c in enumerate(raw.get("claims", []))),

@@ -2,9 +2,10 @@
 
 The loop is what makes many workers on one database safe:
 
-- Every trial starts as a queued (WAITING) trial and is taken by `claim` under the study lock, which
-  records its first heartbeat before the trial becomes RUNNING: no trial is ever RUNNING without one, so
-  none can be running forever unnoticed. A grid is seeded once, under the same lock, with one queued trial
+- Every trial starts as a queued (WAITING) trial and is taken by `claim`, which records its first heartbeat
+  before the trial becomes RUNNING (an atomic update only one worker wins): no trial is ever RUNNING without
+  one, so none can be running forever unnoticed. New trials are queued under the study lock, so that the
+  budget is checked and spent in one step. A grid is seeded once, under the same lock, with one queued trial
   per missing cell; grid workers never create a trial of their own, so GridSampler never picks a cell twice,
   and a queued cell that is already running or complete is dropped, not trained again.
 - A worker that dies stops sending heartbeats. After the grace period (3 intervals) the `Reaper` of any
@@ -234,37 +235,47 @@ def claim(
     grid_names: list[str] | None = None,
 ) -> optuna.Trial | None:
     """The next trial for this worker, or None: a queued one, else (if `new_trials_left(counts)` allows, with
-    the study's trial counts by state) a new one.
+    the study's trial counts by state) a new one, queued first.
 
-    Under the study lock, the trial is taken: nobody else can pop or queue meanwhile, and its first heartbeat
-    is recorded while it is still queued, so it is never RUNNING without one. The sampler runs after the lock
-    is released (it may take a while on a large study), so workers do not queue up behind it.
+    A trial's first heartbeat is recorded while it is still queued, so it is never RUNNING without one. Taking
+    a queued trial needs no lock: Optuna's WAITING -> RUNNING update is atomic, and a worker that loses the
+    race for a trial looks again. The study lock is held only where a check and a write must not interleave:
+    counting the budget and queueing a new trial, and (grids) dropping duplicate cells. The sampler runs after
+    that, outside any lock, so workers do not queue up behind it.
     """
     storage = study._storage
     rdb = storages.backend(study)
 
-    def take() -> int | None:
-        if grid_names is not None:
-            waiting = _drop_duplicates(study, study.get_trials(deepcopy=False), grid_names)
-            trial_id = waiting[0]._trial_id if waiting else None
-        elif rdb is not None:  # one statement each, not a re-read of every unfinished trial
-            trial_id = rdb.first_waiting_trial_id(study._study_id)
-        else:
-            waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-            trial_id = min((t._trial_id for t in waiting), default=None)
-        if trial_id is None:
-            if new_trials_left is None or not new_trials_left(_counts(study)):
-                return None
-            # A new trial, queued: the sampler fills it in when it runs.
-            trial_id = storage.create_new_trial(study._study_id, template_trial=create_trial(state=TrialState.WAITING))
-        storage.record_heartbeat(trial_id)
-        if not storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
-            raise RuntimeError(f"trial id {trial_id} was taken outside the study lock")  # never by tuner's workers
-        return trial_id
+    def create() -> int | None:
+        if new_trials_left is None or not new_trials_left(_counts(study)):
+            return None
+        # A new trial, queued: the sampler fills it in when it runs.
+        return storage.create_new_trial(study._study_id, template_trial=create_trial(state=TrialState.WAITING))
 
-    trial_id = _locked(storage, url, _claim_lock(study), take)
-    if trial_id is None:
-        return None
+    def take_grid() -> int | None:
+        waiting = _drop_duplicates(study, study.get_trials(deepcopy=False), grid_names)
+        return waiting[0]._trial_id if waiting else create()
+
+    def first_waiting() -> int | None:
+        if rdb is not None:  # one statement, not a re-read of every unfinished trial
+            return rdb.first_waiting_trial_id(study._study_id)
+        waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        return min((t._trial_id for t in waiting), default=None)
+
+    while True:
+        if grid_names is not None:
+            trial_id = _locked(storage, url, _claim_lock(study), take_grid)
+        else:
+            trial_id = first_waiting()
+            if trial_id is None:
+                trial_id = _locked(storage, url, _claim_lock(study), create)
+        if trial_id is None:
+            return None
+        storage.record_heartbeat(trial_id)
+        with contextlib.suppress(UpdateFinishedTrialError):  # taken and finished (or dropped) meanwhile
+            if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
+                break
+        # Another worker took it first (its heartbeat is its own now): look again.
 
     def start() -> optuna.Trial:
         study._thread_local.cached_all_trials = None  # as Study.ask does
@@ -717,9 +728,11 @@ def grid_done(spec: StudySpec) -> Callable[[list], bool]:
 def search_budget(n_trials: int) -> tuple[Callable[[dict[TrialState, int]], bool], Callable[[list], bool]]:
     """`--trials N` counts the study's trials in total: finished (complete or pruned) plus running.
 
-    Returns `left(counts)`, on the study's trial counts by state, and `done(trials)`.
+    Returns `left(counts)`, on the study's trial counts by state, and `done(trials)`. `left` counts queued
+    trials too: a worker queues a new trial and takes it a moment later, outside the lock, and another worker
+    checking the budget meanwhile must see it.
     """
-    counted = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    counted = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 
     def left(counts: dict[TrialState, int]) -> bool:
         return sum(counts.get(state, 0) for state in counted) < n_trials
