@@ -158,7 +158,7 @@ def artifacts_option(f):
 @click.option(
     "--pruner",
     type=click.Choice(["hyperband", "successive-halving", "median", "none"]),
-    help="Stops hopeless trials on per-epoch validation accuracy. Default: hyperband.",
+    help="Stops hopeless trials on per-epoch validation accuracy. Default: the study file's, else successive-halving.",
 )
 @click.option(
     "--from",

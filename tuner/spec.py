@@ -26,7 +26,8 @@ MODEL_KEYS = tuple(f.name for f in dataclasses.fields(ModelConfig))
 PARAM_KEYS = (*MODEL_KEYS, "batch_size")
 SAMPLERS = ("grid", "tpe", "random", "gp", "cmaes")
 PRUNERS = ("hyperband", "successive-halving", "median", "none")
-DEFAULT_SEARCH_PRUNER = "hyperband"
+# Successive halving saved 61% of epochs where Hyperband saved 50% (bench/pruning.py, BENCHMARKS.md).
+DEFAULT_SEARCH_PRUNER = "successive-halving"
 CHECKS = ("chance_level", "converges", "flat", "separates", "gain", "best_gain", "not_worth", "best")
 TRAIN_FIGURES = ("last_batch", "mean")
 OBJECTIVES = ("accuracy", "robust")
