@@ -79,6 +79,14 @@ def vs_kerastuner(d: dict) -> str:
         best = ", ".join(f"{100 * b:.2f}%" for b in t["best"])
         out.append(f"| {m} | {t['seeds']} | {t['epochs_to_target']} | {t['epochs_to_high_target']} | {best} "
                    f"| {t['epochs_spent']} | {', '.join(f'{w:.0f}' for w in t['wall_s'])} |")  # fmt: skip
+    if all("epochs_to_target_measured" in t for t in d["table"].values()):
+        out += ["", "The same targets on the best validation accuracy measured at any epoch of any trial (pruned "
+                "trials included):", "", "| method | epochs to the low target | median | epochs to the median target "
+                "| median |", "|---|---|---:|---|---:|"]  # fmt: skip
+        for m, t in d["table"].items():
+            low, high = t["epochs_to_target_measured"], t["epochs_to_high_target_measured"]
+            out.append(f"| {m} | {low} | {t['median_epochs_to_target_measured']} | {high} "
+                       f"| {t['median_epochs_to_high_target_measured']} |")  # fmt: skip
     return "\n".join(out)
 
 
