@@ -24,6 +24,7 @@ score too); for tuner it adds the epochs of pruned trials, which its own score l
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import tempfile
 import time
@@ -261,7 +262,10 @@ def finish(runs: list[dict], machine: dict, meta: dict, args) -> None:
             "median_epochs_to_target_measured",
             "median_epochs_to_high_target_measured",
         ):
-            print(f"tuner needs {ours[key] / table[m][key]:.2f}x the epochs of {m} ({key}; goal <= 0.5)")
+            if math.isinf(table[m][key]):
+                print(f"{m} did not reach it in most seeds ({key}: median not reached); tuner: {ours[key]}")
+            else:
+                print(f"tuner needs {ours[key] / table[m][key]:.2f}x the epochs of {m} ({key}; goal <= 0.5)")
     payload = {"machine": machine, "target": low, "high_target": high, **meta, "table": table, "runs": runs}
     benchlib.write_json(args.json, payload)
     if not args.quick:
