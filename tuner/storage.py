@@ -329,41 +329,43 @@ class TunerStorage(RDBStorage):
 
     def first_waiting_trial_id(self, study_id: int) -> int | None:
         """The queued trial with the lowest id (the one `Study.ask` would pop), or None."""
-        from optuna.storages._rdb import models
+        from optuna.storages._rdb.models import TrialModel
 
-        def query() -> int | None:
-            with self.scoped_session() as session:
-                try:
-                    return (
-                        session.query(models.TrialModel.trial_id)
-                        .filter(models.TrialModel.study_id == study_id, models.TrialModel.state == TrialState.WAITING)
-                        .order_by(models.TrialModel.trial_id)
-                        .limit(1)
-                        .scalar()
-                    )
-                finally:
-                    session.rollback()
-
-        return retrying(query, self.tuner_url, self.db_wait_s)
+        return self._read(
+            lambda session: (
+                session.query(TrialModel.trial_id)
+                .filter(TrialModel.study_id == study_id, TrialModel.state == TrialState.WAITING)
+                .order_by(TrialModel.trial_id)
+                .limit(1)
+                .scalar()
+            )
+        )
 
     def count_trials(self, study_id: int) -> dict[TrialState, int]:
         """How many trials of the study are in each state (states with none are absent)."""
-        from optuna.storages._rdb import models
+        from optuna.storages._rdb.models import TrialModel
 
-        def query() -> dict[TrialState, int]:
+        rows = self._read(
+            lambda session: (
+                session.query(TrialModel.state, sqlalchemy.func.count(TrialModel.trial_id))
+                .filter(TrialModel.study_id == study_id)
+                .group_by(TrialModel.state)
+                .all()
+            )
+        )
+        return {TrialState(state): n for state, n in rows}
+
+    def _read(self, query: Callable[[sqlalchemy.orm.Session], T]) -> T:
+        """`query(session)` in a read-only session of this storage, waiting out a restart like every call."""
+
+        def attempt() -> T:
             with self.scoped_session() as session:
                 try:
-                    rows = (
-                        session.query(models.TrialModel.state, sqlalchemy.func.count(models.TrialModel.trial_id))
-                        .filter(models.TrialModel.study_id == study_id)
-                        .group_by(models.TrialModel.state)
-                        .all()
-                    )
+                    return query(session)
                 finally:
                     session.rollback()
-            return {TrialState(state) if not isinstance(state, TrialState) else state: n for state, n in rows}
 
-        return retrying(query, self.tuner_url, self.db_wait_s)
+        return retrying(attempt, self.tuner_url, self.db_wait_s)
 
 
 # Every RDBStorage method that talks to the database, including the private ones _CachedStorage calls.
