@@ -149,10 +149,12 @@ def train(
     """
     import keras
 
-    keras.utils.set_random_seed(seed)  # the shuffling order of every epoch
+    keras.utils.set_random_seed(seed)  # dropout masks; the batches' order comes from `seed` in `batches`
     result = FitResult() if result is None else result
-    recorder = _recorder_class()(result, batch_size=batch_size, n_train=len(splits.y_train), stop=stop_on_divergence)
-    validation = None if splits.x_val is None else (splits.x_val, splits.y_val)
+    n_train = len(splits.y_train)
+    recorder = _recorder_class()(result, batch_size=batch_size, n_train=n_train, stop=stop_on_divergence)
+    data = batches(splits.x_train, splits.y_train, batch_size=batch_size, epochs=epochs, seed=seed)
+    validation = None if splits.x_val is None else batches(splits.x_val, splits.y_val, batch_size=VAL_BATCH)
     start = time.perf_counter()
     fitted = model
     if adversarial is not None and adversarial[1] > 0:
@@ -162,12 +164,11 @@ def train(
     try:
         with forget_traced_gradients():
             fitted.fit(
-                splits.x_train,
-                splits.y_train,
-                batch_size=batch_size,
+                data,
                 epochs=epochs,
+                steps_per_epoch=math.ceil(n_train / batch_size),
                 validation_data=validation,
-                shuffle=True,
+                shuffle=False,  # `batches` shuffled already
                 verbose=0,
                 callbacks=[recorder, *callbacks],
             )
@@ -175,10 +176,49 @@ def train(
         result.fit_seconds = time.perf_counter() - start
     if evaluate_test and not result.diverged:
         start = time.perf_counter()
-        scores = model.evaluate(splits.x_test, splits.y_test, batch_size=1024, verbose=0, return_dict=True)
+        scores = model.evaluate(batches(splits.x_test, splits.y_test, batch_size=VAL_BATCH), verbose=0,
+                                return_dict=True)  # fmt: skip
         result.eval_seconds = time.perf_counter() - start
         result.test_loss, result.test_accuracy = float(scores["loss"]), float(scores["accuracy"])
     return result
+
+
+VAL_BATCH = 1024  # validation and test batches: no weights change, so only speed depends on it
+
+
+def batches(x: np.ndarray, y: np.ndarray, *, batch_size: int, epochs: int = 1, seed: int | None = None):
+    """A tf.data pipeline of (x, y) batches for `epochs` epochs, each epoch's last batch partial as in Keras.
+
+    With `seed`, every epoch is a new permutation drawn by numpy's `default_rng(seed)`: the same batches
+    every run, different ones every epoch. (Keras's own `fit(shuffle=True)` on arrays, under
+    `keras.utils.set_random_seed`, draws one permutation and repeats it every epoch: tf.data restarts a seeded
+    random op with each new iterator.) Without `seed`, the arrays' order (validation, test).
+
+    One iterator serves all epochs, and tf.data's autotuning is off. Keras's array pipeline makes an iterator
+    per epoch whose autotuning thread the previous one's destructor waits for: 1 to 4 s at the start of about
+    one epoch in three (LSTM-128, full data; found with py-spy), a sixth of the epoch's time.
+    """
+    import tensorflow as tf
+
+    n = len(y)
+    rng = None if seed is None else np.random.default_rng(seed)
+    order = np.concatenate([np.arange(n) if rng is None else rng.permutation(n) for _ in range(epochs)])
+    starts = np.array([e * n + s for e in range(epochs) for s in range(0, n, batch_size)], dtype=np.int64)
+    sizes = np.minimum(batch_size, n - starts % n)
+    order = tf.constant(order, dtype=tf.int64)
+
+    def grab(start_size, data):
+        start, size = start_size
+        rows = tf.slice(order, [start], [size])
+        return tf.gather(data[0], rows), tf.gather(data[1], rows)
+
+    # The arrays enter as one element repeated (not captured by the map function), as Keras's own pipeline does.
+    arrays = tf.data.Dataset.from_tensors((tf.constant(x), tf.constant(y))).repeat()
+    dataset = tf.data.Dataset.zip(tf.data.Dataset.from_tensor_slices((starts, sizes)), arrays).map(grab)
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    options.experimental_optimization.apply_default_optimizations = False
+    return dataset.prefetch(2).with_options(options)
 
 
 @contextlib.contextmanager
@@ -233,7 +273,7 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
 
 def evaluate(model, x: np.ndarray, y: np.ndarray) -> float:
     """Accuracy of `model` on (x, y), read by metric name."""
-    return float(model.evaluate(x, y, batch_size=1024, verbose=0, return_dict=True)["accuracy"])
+    return float(model.evaluate(batches(x, y, batch_size=VAL_BATCH), verbose=0, return_dict=True)["accuracy"])
 
 
 @functools.cache
