@@ -87,6 +87,19 @@ def vs_kerastuner(d: dict) -> str:
             low, high = t["epochs_to_target_measured"], t["epochs_to_high_target_measured"]
             out.append(f"| {m} | {low} | {t['median_epochs_to_target_measured']} | {high} "
                        f"| {t['median_epochs_to_high_target_measured']} |")  # fmt: skip
+    if all("epochs_to_target_per_epoch" in t for t in d["table"].values()):
+        out += ["", "The same targets per epoch: epochs trained until the first epoch of any trial whose validation "
+                "accuracy reached the target:", "", "| method | epochs to the low target | median "
+                "| epochs to the median target | median |", "|---|---|---:|---|---:|"]  # fmt: skip
+        for m, t in d["table"].items():
+            low, high = t["epochs_to_target_per_epoch"], t["epochs_to_high_target_per_epoch"]
+            out.append(f"| {m} | {low} | {t['median_epochs_to_target_per_epoch']} | {high} "
+                       f"| {t['median_epochs_to_high_target_per_epoch']} |")  # fmt: skip
+    if d.get("ratios"):
+        out += ["", "tuner's median epochs over KerasTuner's (goal <= 0.5; - : KerasTuner's median did not reach the "
+                "target):", "", "| tuner arm / KerasTuner arm / reading | ratio |", "|---|---:|"]  # fmt: skip
+        for key, ratio in d["ratios"].items():
+            out.append(f"| {key} | {'-' if ratio is None else f'{ratio:.2f}'} |")
     return "\n".join(out)
 
 
@@ -113,16 +126,7 @@ def storage(d: dict) -> str:
 def machine(folder: Path) -> str:
     out = ["| benchmark | CPU | cores | memory GiB | TensorFlow | Keras | Optuna | load average (1 min) at start |",
            "|---|---|---:|---:|---|---|---|---:|"]  # fmt: skip
-    for name in (
-        "train_speed.machine",
-        "trial_overhead",
-        "memory_arena2",
-        "memory_jemalloc",
-        "pruning",
-        "vs_kerastuner",
-        "storage",
-        "storage_workers",
-    ):
+    for name in ("train_speed.machine", "trial_overhead", "pruning", "vs_kerastuner", "storage", "storage_workers"):
         d = _load(folder, name)
         if d is None:
             continue
@@ -136,10 +140,8 @@ def machine(folder: Path) -> str:
 def main() -> None:
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).with_name("results"))
     print(f"### machine\n\n{machine(folder)}\n")
-    for name, fn in (("train_speed", train_speed), ("train_speed_rerun", train_speed),
-                     ("trial_overhead", trial_overhead), ("trial_overhead_rerun", trial_overhead),
-                     ("memory_arena2", memory),
-                     ("memory_jemalloc", memory), ("pruning", pruning), ("vs_kerastuner", vs_kerastuner),
+    for name, fn in (("train_speed", train_speed), ("train_speed_xla_full", train_speed),
+                     ("trial_overhead", trial_overhead), ("pruning", pruning), ("vs_kerastuner", vs_kerastuner),
                      ("storage", storage), ("storage_workers", storage)):  # fmt: skip
         d = _load(folder, name)
         if d is not None:

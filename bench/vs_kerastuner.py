@@ -1,7 +1,7 @@
 """tuner search against KerasTuner's Hyperband and BayesianOptimization: same space, data and epoch budget.
 
     pip install -e '.[bench]'                                            # keras-tuner, for this benchmark only
-    python bench/vs_kerastuner.py --json bench/results/vs_kerastuner.json    # about 30 minutes on 2 cores
+    python bench/vs_kerastuner.py --json bench/results/vs_kerastuner.json    # about 20 minutes on 2 cores
     python bench/vs_kerastuner.py --quick
 
 Space: cell (SimpleRNN/LSTM/GRU), units 16..96 (log), learning rate 1e-4..1e-1 (log), optimizer adam/rmsprop/sgd;
@@ -11,14 +11,20 @@ every method builds them with `tuner.models.build_model`, so only the search dif
 
 Budget: one Hyperband iteration of KerasTuner (max_epochs 9, factor 3: about 70 epochs); BayesianOptimization
 gets 8 trials of 9 epochs (72); tuner search (TPE + its default pruner, through
-`tuner.runner.run_study`) gets trials until it has spent 70 epochs. Epochs are counted from each tool's own
+`tuner.runner.run_study`) gets trials until it has spent 70 epochs. Two tuner arms: the space alone, and the
+space with the document's best configuration queued first (LSTM, adam, learning rate 0.001, its 200 units
+clipped to the space's 96), as studies/search.toml queues it: what `tuner search` does with what the hand tuning
+found. KerasTuner has no such start: its first trials are random. Epochs are counted from each tool's own
 records (KerasTuner: `tuner/epochs - tuner/initial_epoch` of each Hyperband trial; tuner: `epochs_run`).
-Accuracy is what each tool reports as a trial's score: KerasTuner the best epoch's val_accuracy, tuner the last
-epoch's (pruned trials count their epochs but no score). The target is the lowest of all runs' best scores, so
-that every run reaches it; "epochs to target" is the epochs spent when a run's best score first reached it.
-A second reading (`*_measured`) uses one definition for every tool: the best validation accuracy measured at any
-epoch of any trial so far. KerasTuner's score already is that (Hyperband's trials stopped after 1 or 3 epochs
-score too); for tuner it adds the epochs of pruned trials, which its own score leaves out.
+
+Three readings of "epochs to reach a target", on the same targets (the lowest and the median of all runs' best
+scores, so that every run reaches the low one):
+- by score: what each tool reports as a trial's score, counted when the trial ends (KerasTuner: the best
+  epoch's val_accuracy; tuner: the last epoch's; pruned trials count their epochs but no score);
+- measured (`*_measured`): the best validation accuracy measured at any epoch of a trial, counted when the
+  trial ends (pruned trials' epochs count for tuner, as stopped trials' do for KerasTuner);
+- per epoch (`*_per_epoch`): the epochs trained until the first epoch, of any trial, whose validation
+  accuracy reached the target (a callback records every tool's every epoch).
 """
 
 from __future__ import annotations
@@ -62,17 +68,26 @@ choices = ["adam", "rmsprop", "sgd"]
 name = "tpe"
 [pruner]
 name = "{pruner}"
+{enqueue}"""
+
+# The document's best configuration (studies/search.toml's first [[enqueue]]), its units clipped to this space.
+START = """
+[[enqueue]]
+cell = "LSTM"
+units = 96
+optimizer = "adam"
+learning_rate = 0.001
 """
 
 
-def run_tuner(tmp: Path, seed: int, *, budget: int, epochs: int, subset: int) -> dict:
+def run_tuner(tmp: Path, seed: int, *, budget: int, epochs: int, subset: int, start: bool = False) -> dict:
     import optuna
     from optuna.trial import TrialState
 
     from tuner import runner
 
     study_file = tmp / "space.toml"
-    study_file.write_text(SPACE.format(epochs=epochs, subset=subset, pruner=PRUNER))
+    study_file.write_text(SPACE.format(epochs=epochs, subset=subset, pruner=PRUNER, enqueue=START if start else ""))
     url, name = f"sqlite:///{tmp}/tuner-{seed}.db", f"vs-kt-{seed}"
     t0, n, spent = time.perf_counter(), 0, 0
     while spent < budget:  # resumable: each call adds trials to the same study
@@ -84,9 +99,11 @@ def run_tuner(tmp: Path, seed: int, *, budget: int, epochs: int, subset: int) ->
     timeline = []
     for t in sorted((t for t in study.trials if t.state.is_finished()), key=lambda t: t.number):
         score = t.value if t.state == TrialState.COMPLETE else None
-        measured = max(t.intermediate_values.values(), default=None)  # pruned trials' epochs too, as KerasTuner
-        timeline.append((t.user_attrs.get("epochs_run", 0), score, measured))
-    return _summary(f"tuner search (TPE + {PRUNER})", seed, timeline, wall)
+        per_epoch = [t.intermediate_values[k] for k in sorted(t.intermediate_values)]
+        measured = max(per_epoch, default=None)  # pruned trials' epochs too, as KerasTuner
+        timeline.append((t.user_attrs.get("epochs_run", 0), score, measured, per_epoch))
+    label = f"tuner search (TPE + {PRUNER}{', document start' if start else ''})"
+    return _summary(label, seed, timeline, wall)
 
 
 def run_kerastuner(tmp: Path, seed: int, method: str, *, splits, epochs: int, bayes_trials: int) -> dict:
@@ -109,24 +126,64 @@ def run_kerastuner(tmp: Path, seed: int, method: str, *, splits, epochs: int, ba
         tuner = kt.Hyperband(build, max_epochs=epochs, factor=3, hyperband_iterations=1, **common)
     else:
         tuner = kt.BayesianOptimization(build, max_trials=bayes_trials, **common)
+    recorder = _EpochRecorder()
     t0 = time.perf_counter()
     tuner.search(splits.x_train, splits.y_train, epochs=epochs, batch_size=128, verbose=0,
-                 validation_data=(splits.x_val, splits.y_val))  # fmt: skip
+                 validation_data=(splits.x_val, splits.y_val), callbacks=[recorder])  # fmt: skip
     wall = time.perf_counter() - t0
     timeline = []
-    for trial in sorted(tuner.oracle.trials.values(), key=lambda t: int(t.trial_id)):
+    trials = sorted(tuner.oracle.trials.values(), key=lambda t: int(t.trial_id))
+    if len(recorder.fits) != len(trials):  # one fit a trial, run one after another in trial order
+        raise RuntimeError(f"{len(recorder.fits)} fits recorded for {len(trials)} trials")
+    for trial, per_epoch in zip(trials, recorder.fits):
         values = trial.hyperparameters.values
         trained = values.get("tuner/epochs", epochs) - values.get("tuner/initial_epoch", 0)
-        timeline.append((trained, trial.score, trial.score))  # a trial's score: its best epoch's val_accuracy
+        if len(per_epoch) != trained:
+            raise RuntimeError(f"trial {trial.trial_id}: {len(per_epoch)} epochs recorded, {trained} trained")
+        # a trial's score: its best epoch's val_accuracy
+        timeline.append((trained, trial.score, trial.score, per_epoch))
     label = {"hyperband": "KerasTuner Hyperband", "bayes": "KerasTuner BayesianOptimization"}[method]
     return _summary(label, seed, timeline, wall)
 
 
+def _epoch_recorder_class():
+    import keras
+
+    class EpochRecorder(keras.callbacks.Callback):
+        """Every epoch's val_accuracy, a list per `fit` (KerasTuner runs one fit a trial, in trial order). KerasTuner
+        deep-copies the callbacks for each trial: every copy is this one object."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.fits: list[list[float]] = []
+
+        def __deepcopy__(self, memo):
+            return self
+
+        def on_train_begin(self, logs=None):
+            self.fits.append([])
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.fits[-1].append(float(logs["val_accuracy"]))
+
+    return EpochRecorder
+
+
+def _EpochRecorder():  # noqa: N802 - a factory standing in for the class, defined once keras is imported
+    return _epoch_recorder_class()()
+
+
 def _summary(method: str, seed: int, timeline: list, wall: float) -> dict:
     """`timeline`: (epochs trained, the trial's score as the tool reports it, the best validation accuracy measured
-    at any of its epochs) per trial, in order. Two curves of the best so far against epochs spent."""
+    at any of its epochs, every epoch's validation accuracy) per trial, in order. Three curves of the best so far
+    against epochs spent: by score and measured (a point per trial), per epoch (a point per epoch)."""
     spent, best, measured_best, curve, measured_curve = 0, None, None, [], []
-    for epochs, score, measured in timeline:
+    epoch_best, epoch_curve = None, []
+    for epochs, score, measured, per_epoch in timeline:
+        for i in range(epochs):
+            if i < len(per_epoch) and (epoch_best is None or per_epoch[i] > epoch_best):
+                epoch_best = per_epoch[i]
+            epoch_curve.append((spent + i + 1, epoch_best))
         spent += epochs
         if score is not None and (best is None or score > best):
             best = score
@@ -136,7 +193,17 @@ def _summary(method: str, seed: int, timeline: list, wall: float) -> dict:
         measured_curve.append((spent, measured_best))
     return {"method": method, "seed": seed, "trials": len(timeline), "epochs_spent": spent, "wall_s": wall,
             "best_val_accuracy": best, "curve": curve, "best_measured": measured_best,
-            "curve_measured": measured_curve}  # fmt: skip
+            "curve_measured": measured_curve, "curve_per_epoch": epoch_curve}  # fmt: skip
+
+
+READINGS = (
+    "epochs_to_target",
+    "epochs_to_high_target",
+    "epochs_to_target_measured",
+    "epochs_to_high_target_measured",
+    "epochs_to_target_per_epoch",
+    "epochs_to_high_target_per_epoch",
+)
 
 
 def epochs_to(curve: list, target: float) -> int | None:
@@ -170,6 +237,7 @@ def plot(runs: list[dict], path: Path) -> None:
 def main() -> None:
     p = benchlib.parser(__doc__.split("\n\n")[0])
     p.add_argument("--plot", default=str(Path(__file__).with_name("vs_kerastuner.png")), help="PNG to write")
+    p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (default 5)")
     p.add_argument("--from-json", metavar="PATH", help="finish a run that was cut short, from its partial JSON")
     args = p.parse_args()
     if args.from_json:
@@ -191,17 +259,17 @@ def main() -> None:
     if args.quick:
         seeds, subset, epochs, budget, bayes_trials = [0], 600, 3, 12, 4
     else:
-        seeds, subset, epochs, budget, bayes_trials = [0, 1, 2], 1_000, 9, 70, 8
+        seeds, subset, epochs, budget, bayes_trials = list(range(args.seeds)), 1_000, 9, 70, 8
     runs = []
     meta = {"budget_epochs": budget, "max_epochs": epochs, "subset": subset, "seeds": seeds}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
             splits = data.load(subset=subset, validation=True, seed=seed)
-            for method in ("tuner", "hyperband", "bayes"):
+            for method in ("tuner", "tuner-start", "hyperband", "bayes"):
                 where = Path(tmp) / f"{method}-{seed}"
                 where.mkdir()
-                if method == "tuner":
-                    r = run_tuner(where, seed, budget=budget, epochs=epochs, subset=subset)
+                if method.startswith("tuner"):
+                    r = run_tuner(where, seed, budget=budget, epochs=epochs, subset=subset, start=method != "tuner")
                 else:
                     r = run_kerastuner(where, seed, method, splits=splits, epochs=epochs, bayes_trials=bayes_trials)
                 runs.append(r)
@@ -228,21 +296,19 @@ def finish(runs: list[dict], machine: dict, meta: dict, args) -> None:
         measured = r.get("curve_measured", r["curve"])
         r["epochs_to_target_measured"] = epochs_to(measured, low)
         r["epochs_to_high_target_measured"] = epochs_to(measured, high)
+        per_epoch = r.get("curve_per_epoch")
+        r["epochs_to_target_per_epoch"] = epochs_to(per_epoch, low) if per_epoch else None
+        r["epochs_to_high_target_per_epoch"] = epochs_to(per_epoch, high) if per_epoch else None
     methods = list(dict.fromkeys(r["method"] for r in runs))
     table = {}
     print(f"\ntargets: {100 * low:.2f}% (the lowest best of all runs), {100 * high:.2f}% (the median best)")
     for m in methods:
         mine = [r for r in runs if r["method"] == m]
-        table[m] = {
-            "seeds": [r["seed"] for r in mine],
-            "epochs_to_target": [r["epochs_to_target"] for r in mine],
-            "median_epochs_to_target": _median([r["epochs_to_target"] for r in mine]),
-            "epochs_to_high_target": [r["epochs_to_high_target"] for r in mine],
-            "median_epochs_to_high_target": _median([r["epochs_to_high_target"] for r in mine]),
-            "epochs_to_target_measured": [r["epochs_to_target_measured"] for r in mine],
-            "median_epochs_to_target_measured": _median([r["epochs_to_target_measured"] for r in mine]),
-            "epochs_to_high_target_measured": [r["epochs_to_high_target_measured"] for r in mine],
-            "median_epochs_to_high_target_measured": _median([r["epochs_to_high_target_measured"] for r in mine]),
+        table[m] = {"seeds": [r["seed"] for r in mine]}
+        for key in READINGS:
+            table[m][key] = [r.get(key) for r in mine]
+            table[m][f"median_{key}"] = _median(table[m][key])
+        table[m] |= {
             "best": [r["best_val_accuracy"] for r in mine],
             "mean_best": statistics.mean(r["best_val_accuracy"] for r in mine),
             "epochs_spent": [r["epochs_spent"] for r in mine],
@@ -254,19 +320,18 @@ def finish(runs: list[dict], machine: dict, meta: dict, args) -> None:
               f"{100 * high:.2f}%: {t['epochs_to_high_target']}; best {best}% "
               f"(mean {100 * t['mean_best']:.2f}); {t['epochs_spent']} epochs, "
               f"{', '.join(f'{w:.0f}' for w in t['wall_s'])}s")  # fmt: skip
-    ours = table[methods[0]]
-    for m in methods[1:]:
-        for key in (
-            "median_epochs_to_target",
-            "median_epochs_to_high_target",
-            "median_epochs_to_target_measured",
-            "median_epochs_to_high_target_measured",
-        ):
-            if math.isinf(table[m][key]):
-                print(f"{m} did not reach it in most seeds ({key}: median not reached); tuner: {ours[key]}")
-            else:
-                print(f"tuner needs {ours[key] / table[m][key]:.2f}x the epochs of {m} ({key}; goal <= 0.5)")
-    payload = {"machine": machine, "target": low, "high_target": high, **meta, "table": table, "runs": runs}
+    ratios = {}
+    for ours in (m for m in methods if m.startswith("tuner")):
+        for m in (m for m in methods if not m.startswith("tuner")):
+            print(f"\n{ours} against {m} (median epochs; goal: a ratio <= 0.5)")
+            for key in READINGS:
+                mine, theirs = table[ours][f"median_{key}"], table[m][f"median_{key}"]
+                ratio = None if math.isinf(theirs) else mine / theirs
+                ratios[f"{ours} / {m} / {key}"] = ratio
+                shown = "KerasTuner did not reach it in most seeds" if ratio is None else f"ratio {ratio:.2f}"
+                print(f"  {key:36} tuner {mine:>5} {m.split()[-1]} {theirs:>5}: {shown}")
+    payload = {"machine": machine, "target": low, "high_target": high, **meta, "table": table, "ratios": ratios,
+               "runs": runs}  # fmt: skip
     benchlib.write_json(args.json, payload)
     if not args.quick:
         plot(runs, Path(args.plot))
