@@ -233,6 +233,27 @@ def test_six_workers_start_at_once_on_an_empty_database_and_share_30_cells_exact
     assert len(trials) == 30
 
 
+def test_a_sqlite_reader_does_not_block_a_worker_writing(tmp_path):
+    """The embedded default runs in WAL mode (tuner.storage.use_wal): a reader holding a read transaction open
+    (optuna-dashboard, `tuner studies`) does not make a worker's commit fail with "database is locked"."""
+    import sqlite3
+
+    from tuner import storage
+
+    path = tmp_path / "tuner.db"
+    store = storage.open_storage(storage.resolve(f"sqlite:///{path}"), create=True, wait_s=0)
+    store.engine.dispose()
+    reader = sqlite3.connect(path, isolation_level=None)
+    reader.execute("BEGIN")
+    assert reader.execute("SELECT count(*) FROM trials").fetchone() == (0,)  # holds its read snapshot
+    writer = sqlite3.connect(path, isolation_level=None, timeout=0)  # no waiting: a lock fails at once
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("UPDATE version_info SET schema_version = schema_version")
+    writer.execute("COMMIT")  # with a rollback journal: sqlite3.OperationalError: database is locked
+    assert writer.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    reader.execute("COMMIT")
+
+
 def test_search_workers_create_exactly_the_trials_asked_for(tmp_path):
     search = tmp_path / "search.toml"
     search.write_text(
