@@ -42,7 +42,9 @@ def trial_overhead(d: dict) -> str:
 
 
 def memory(d: dict) -> str:
-    out = [f"Allocator settings: {d.get('env') or 'none (glibc malloc defaults)'}", ""]
+    env = d.get("env") or "none set"
+    out = [f"Allocator environment: {env} (the objective caps glibc's malloc arenas at 2 unless MALLOC_ARENA_MAX "
+           "is set: tuner.models.limit_malloc_arenas)", ""]  # fmt: skip
     m = d["memory"]
     out.append("RSS after each trial (MiB): " + ", ".join(f"{t['rss_mib']:.0f}" for t in m["trials"]))
     out.append("")
