@@ -81,22 +81,20 @@ def vs_kerastuner(d: dict) -> str:
         best = ", ".join(f"{100 * b:.2f}%" for b in t["best"])
         out.append(f"| {m} | {t['seeds']} | {t['epochs_to_target']} | {t['epochs_to_high_target']} | {best} "
                    f"| {t['epochs_spent']} | {', '.join(f'{w:.0f}' for w in t['wall_s'])} |")  # fmt: skip
-    if all("epochs_to_target_measured" in t for t in d["table"].values()):
-        out += ["", "The same targets on the best validation accuracy measured at any epoch of any trial (pruned "
-                "trials included):", "", "| method | epochs to the low target | median | epochs to the median target "
+    readings = {
+        "measured": "The same targets on the best validation accuracy measured at any epoch of any trial (pruned "
+        "trials included):",
+        "per_epoch": "The same targets per epoch: epochs trained until the first epoch of any trial whose "
+        "validation accuracy reached the target:",
+    }
+    for suffix, title in readings.items():
+        if not all(f"epochs_to_target_{suffix}" in t for t in d["table"].values()):
+            continue  # a file written before this reading existed
+        out += ["", title, "", "| method | epochs to the low target | median | epochs to the median target "
                 "| median |", "|---|---|---:|---|---:|"]  # fmt: skip
         for m, t in d["table"].items():
-            low, high = t["epochs_to_target_measured"], t["epochs_to_high_target_measured"]
-            out.append(f"| {m} | {low} | {t['median_epochs_to_target_measured']} | {high} "
-                       f"| {t['median_epochs_to_high_target_measured']} |")  # fmt: skip
-    if all("epochs_to_target_per_epoch" in t for t in d["table"].values()):
-        out += ["", "The same targets per epoch: epochs trained until the first epoch of any trial whose validation "
-                "accuracy reached the target:", "", "| method | epochs to the low target | median "
-                "| epochs to the median target | median |", "|---|---|---:|---|---:|"]  # fmt: skip
-        for m, t in d["table"].items():
-            low, high = t["epochs_to_target_per_epoch"], t["epochs_to_high_target_per_epoch"]
-            out.append(f"| {m} | {low} | {t['median_epochs_to_target_per_epoch']} | {high} "
-                       f"| {t['median_epochs_to_high_target_per_epoch']} |")  # fmt: skip
+            low, high = f"epochs_to_target_{suffix}", f"epochs_to_high_target_{suffix}"
+            out.append(f"| {m} | {t[low]} | {t['median_' + low]} | {t[high]} | {t['median_' + high]} |")
     if d.get("ratios"):
         out += ["", "tuner's median epochs over KerasTuner's (goal <= 0.5; - : KerasTuner's median did not reach the "
                 "target):", "", "| tuner arm / KerasTuner arm / reading | ratio |", "|---|---:|"]  # fmt: skip
