@@ -21,9 +21,11 @@ Two things Optuna's RDBStorage leaves to its user when many workers share a data
 from __future__ import annotations
 
 import contextlib
+import datetime
 import fcntl
 import functools
 import hashlib
+import json
 import logging
 import os
 import random
@@ -37,7 +39,7 @@ from urllib.parse import quote, quote_plus
 import sqlalchemy
 from optuna.exceptions import StorageInternalError
 from optuna.storages import RDBStorage
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 
@@ -355,6 +357,82 @@ class TunerStorage(RDBStorage):
         )
         return {TrialState(state): n for state, n in rows}
 
+    def start_trial(self, trial_id: int, worker: str) -> FrozenTrial | None:
+        """Take a queued trial: WAITING -> RUNNING with its start time, its first heartbeat and `worker` as its
+        `worker` user attribute, in one transaction. Returns the trial as it now is (the next `get_trial` of it
+        is served from that, without reading it again), or None if another worker took it first.
+
+        What `record_heartbeat`, `set_trial_state_values(RUNNING)`, `get_trial` and `set_trial_user_attr` do one
+        after another, each in a transaction of its own: 10 round trips instead of about 24.
+        """
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+
+        def attempt() -> FrozenTrial | None:
+            with _create_scoped_session(self.scoped_session) as session:
+                trial = models.TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
+                if trial.state != TrialState.WAITING:
+                    return None  # taken (or dropped) meanwhile: the row lock makes this check and the update atomic
+                trial.state = TrialState.RUNNING
+                trial.datetime_start = datetime.datetime.now()
+                beat = models.TrialHeartbeatModel.where_trial_id(trial_id, session, for_update=True)
+                if beat is None:
+                    session.add(models.TrialHeartbeatModel(trial_id=trial_id))
+                else:
+                    beat.heartbeat = sqlalchemy.func.now()
+                attrs = {a.key: a for a in trial.user_attributes}
+                if "worker" in attrs:
+                    attrs["worker"].value_json = json.dumps(worker)
+                else:
+                    trial.user_attributes.append(
+                        models.TrialUserAttributeModel(trial_id=trial_id, key="worker", value_json=json.dumps(worker))
+                    )
+                session.flush()
+                frozen = self._build_frozen_trial_from_trial_model(trial)
+            self._started[trial_id] = frozen
+            return frozen
+
+        return retrying(attempt, self.tuner_url, self.db_wait_s)
+
+    def create_running_trial(self, study_id: int, worker: str) -> FrozenTrial:
+        """A new trial, RUNNING for `worker` from the start, with its first heartbeat and its `worker` user
+        attribute: one transaction, where queueing it and then taking it made two (8 round trips instead of 19).
+        Numbered as Optuna numbers trials (its own code, under its lock on the study row). The next
+        `get_trial` of it is served without reading it."""
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+
+        def attempt() -> FrozenTrial:
+            with _create_scoped_session(self.scoped_session) as session:
+                models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
+                trial = self._get_prepared_new_trial(study_id, None, session)  # RUNNING, started now
+                session.flush()
+                session.add(models.TrialHeartbeatModel(trial_id=trial.trial_id))
+                trial.user_attributes.append(
+                    models.TrialUserAttributeModel(trial_id=trial.trial_id, key="worker", value_json=json.dumps(worker))
+                )
+                frozen = FrozenTrial(
+                    number=trial.number,
+                    state=TrialState.RUNNING,
+                    value=None,
+                    datetime_start=trial.datetime_start,
+                    datetime_complete=None,
+                    params={},
+                    distributions={},
+                    user_attrs={"worker": worker},
+                    system_attrs={},
+                    intermediate_values={},
+                    trial_id=trial.trial_id,
+                )
+            self._started[frozen._trial_id] = frozen
+            return frozen
+
+        return retrying(attempt, self.tuner_url, self.db_wait_s)
+
+    @functools.cached_property
+    def _started(self) -> dict[int, FrozenTrial]:
+        return {}
+
     def _read(self, query: Callable[[sqlalchemy.orm.Session], T]) -> T:
         """`query(session)` in a read-only session of this storage, waiting out a restart like every call."""
 
@@ -394,6 +472,31 @@ for _name in _DB_METHODS:
     setattr(TunerStorage, _name, _waiting(_name))
 
 
+def remember(study, frozen: FrozenTrial) -> None:
+    """Tell Optuna's trial cache over a study's storage about a trial that `TunerStorage` created or took, as
+    Optuna's own `_CachedStorage.create_new_trial` does: setting the trial's parameters then needs no read."""
+    cache = study._storage
+    add = getattr(cache, "_add_trials_to_cache", None)
+    if add is None:
+        return
+    with cache._lock:
+        if study._study_id in cache._studies:  # else the study's first read of its trials brings this one in
+            add(study._study_id, [frozen])
+
+
+def _plain(kwargs: dict) -> dict:
+    return {k: v for k, v in kwargs.items() if k != "pool_pre_ping"}
+
+
+def _get_trial(self: TunerStorage, trial_id: int) -> FrozenTrial:
+    started = self._started.pop(trial_id, None)  # read by `start_trial` a moment ago: no need to read it again
+    return started if started is not None else _waiting_get_trial(self, trial_id)
+
+
+_waiting_get_trial = TunerStorage.get_trial
+TunerStorage.get_trial = functools.wraps(_waiting_get_trial)(_get_trial)
+
+
 def check_reachable(url: URL, *, wait_s: float = 0.0) -> None:
     """Connect once (waiting up to `wait_s` seconds for a database that is down) or raise a one-line error.
 
@@ -416,10 +519,6 @@ def check_reachable(url: URL, *, wait_s: float = 0.0) -> None:
         raise StorageError(describe_error(exc, url)) from None
     finally:
         engine.dispose()
-
-
-def _plain(kwargs: dict) -> dict:
-    return {k: v for k, v in kwargs.items() if k != "pool_pre_ping"}
 
 
 def use_wal(path: Path) -> None:
@@ -462,11 +561,10 @@ def study_lock(url: URL, name: str, *, timeout_s: float = 120.0) -> Iterator[Non
                 finally:
                     fcntl.flock(fh, fcntl.LOCK_UN)
             return
-        engine = _lock_engine(url)
+        engine = _lock_engine(url, timeout_s)
         key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
-        with engine.connect() as conn:
+        with engine.connect() as conn:  # in autocommit mode: one round trip to take the lock, one to free it
             if backend == "postgresql":
-                conn.execute(sqlalchemy.text(f"SET lock_timeout = {int(timeout_s * 1000)}"))
                 conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
                 release = sqlalchemy.text("SELECT pg_advisory_unlock(:k)")
                 params: dict = {"k": key}
@@ -479,13 +577,11 @@ def study_lock(url: URL, name: str, *, timeout_s: float = 120.0) -> Iterator[Non
                     raise StorageError(f"timed out after {timeout_s:.0f}s waiting for the study lock on {mask(url)}")
                 release = sqlalchemy.text("SELECT RELEASE_LOCK(:n)")
                 params = {"n": lock_name}
-            conn.commit()
             try:
                 yield
             finally:
                 try:
                     conn.execute(release, params)
-                    conn.commit()
                 except SQLAlchemyError as exc:
                     # The connection died, and the server released the lock with it. Drop the connection;
                     # an error from the block itself (if any) is the one that matters.
@@ -497,10 +593,23 @@ def study_lock(url: URL, name: str, *, timeout_s: float = 120.0) -> Iterator[Non
 _ENGINES: dict[str, sqlalchemy.Engine] = {}
 
 
-def _lock_engine(url: URL) -> sqlalchemy.Engine:
+def _lock_engine(url: URL, timeout_s: float) -> sqlalchemy.Engine:
+    """One pooled connection per database for the study locks, in autocommit mode (the locks belong to the
+    session, not to a transaction); on PostgreSQL a lock wait gives up after `timeout_s`, set once per
+    connection."""
     key = url.render_as_string(hide_password=False)
     if key not in _ENGINES:
-        _ENGINES[key] = sqlalchemy.create_engine(url, pool_size=1, max_overflow=0, **engine_kwargs(url))
+        engine = sqlalchemy.create_engine(
+            url, pool_size=1, max_overflow=0, isolation_level="AUTOCOMMIT", **engine_kwargs(url)
+        )
+        if url.get_backend_name() == "postgresql":
+
+            @sqlalchemy.event.listens_for(engine, "connect")
+            def _lock_timeout(dbapi_connection, record) -> None:
+                with dbapi_connection.cursor() as cursor:
+                    cursor.execute(f"SET lock_timeout = {int(timeout_s * 1000)}")
+
+        _ENGINES[key] = engine
     return _ENGINES[key]
 
 

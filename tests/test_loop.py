@@ -1,0 +1,162 @@
+"""The worker loop's own storage steps against a real database file: taking and creating trials (`claim`), and
+telling their outcome (`_tell`), each checked against what a fresh read of the database says."""
+
+from __future__ import annotations
+
+import math
+
+import optuna
+import pytest
+from optuna.storages._rdb import models
+from optuna.trial import TrialState
+
+from tuner import storage as storages
+from tuner import study as studies
+
+
+@pytest.fixture
+def url(tmp_path):
+    return storages.resolve(f"sqlite:///{tmp_path / 'loop.db'}")
+
+
+def fresh(url) -> storages.TunerStorage:
+    """A second storage on the same file: what another process would read."""
+    return storages.open_storage(url, create=False)
+
+
+def new_study(url, name: str = "s", directions=("maximize",)) -> optuna.Study:
+    storage = storages.open_storage(url, create=True)
+    sampler = optuna.samplers.RandomSampler(seed=0)
+    return optuna.create_study(storage=storage, study_name=name, directions=list(directions), sampler=sampler)
+
+
+def heartbeat_rows(storage: storages.TunerStorage, trial_id: int) -> int:
+    with storage.scoped_session() as session:
+        return session.query(models.TrialHeartbeatModel).filter_by(trial_id=trial_id).count()
+
+
+def test_claim_creates_a_trial_running_for_this_worker_with_its_first_heartbeat(url):
+    study = new_study(url)
+    left, _ = studies.search_budget(5)
+    trial = studies.claim(study, url, new_trials_left=left)
+    stored = fresh(url).get_trial(trial._trial_id)
+    assert stored.state == TrialState.RUNNING and stored.datetime_start is not None
+    assert stored.user_attrs == {"worker": studies.worker_id()}
+    assert heartbeat_rows(fresh(url), trial._trial_id) == 1
+    held = trial._cached_frozen_trial  # what the worker holds without reading it back
+    assert (held.number, held.state, held.user_attrs, held.datetime_start) == (
+        stored.number,
+        stored.state,
+        stored.user_attrs,
+        stored.datetime_start,
+    )
+    # The trial takes parameters like any other (Optuna's cache knows it).
+    assert -1 <= trial.suggest_float("x", -1, 1) <= 1
+    assert fresh(url).get_trial(trial._trial_id).params == trial.params
+
+
+def test_claim_takes_a_queued_trial_once_with_its_queued_parameters(url):
+    study = new_study(url)
+    study.enqueue_trial({"x": 0.25}, user_attrs={"origin": "queued"})
+    trial = studies.claim(study, url, new_trials_left=None)  # no budget for new trials: only the queued one
+    assert trial is not None and trial.suggest_float("x", -1, 1) == 0.25
+    stored = fresh(url).get_trial(trial._trial_id)
+    assert stored.state == TrialState.RUNNING
+    assert stored.user_attrs == {"origin": "queued", "worker": studies.worker_id()}
+    assert heartbeat_rows(fresh(url), trial._trial_id) == 1
+    assert trial._cached_frozen_trial.user_attrs == stored.user_attrs
+    # Taken already: a second worker finds nothing, and a late start of the same trial loses.
+    assert studies.claim(study, url, new_trials_left=None) is None
+    assert fresh(url).start_trial(trial._trial_id, "someone-else") is None
+    assert fresh(url).get_trial(trial._trial_id).user_attrs["worker"] == studies.worker_id()
+
+
+def test_claim_keeps_the_budget(url):
+    study = new_study(url)
+    left, _ = studies.search_budget(2)
+    assert studies.claim(study, url, new_trials_left=left) is not None
+    assert studies.claim(study, url, new_trials_left=left) is not None
+    assert studies.claim(study, url, new_trials_left=left) is None
+    assert len(fresh(url).get_all_trials(study._study_id)) == 2
+
+
+CASES = [
+    # (directions, reports, tell arguments)
+    (("maximize",), [], {"values": 0.5}),
+    (("maximize",), [], {"values": float("nan")}),
+    (("maximize",), [], {"values": None}),
+    (("maximize",), [], {"values": "not a number"}),
+    (("maximize",), [], {"values": float("inf")}),
+    (("maximize",), [], {"values": [0.1, 0.2]}),
+    (("maximize",), [0.3, 0.7], {"state": TrialState.PRUNED}),
+    (("maximize",), [0.3, float("nan")], {"state": TrialState.PRUNED}),
+    (("maximize",), [], {"state": TrialState.PRUNED}),
+    (("maximize",), [0.3], {"state": TrialState.FAIL}),
+    (("maximize", "maximize"), [], {"values": [0.9, 0.8]}),
+    (("maximize", "maximize"), [], {"values": 0.9}),
+]
+
+
+@pytest.mark.parametrize(("directions", "reports", "told"), CASES)
+def test_tell_stores_what_optunas_tell_stores(url, directions, reports, told):
+    """The same outcome told through Optuna's `Study.tell` and through tuner's `_tell`: the same state, values,
+    intermediate values and attributes in the database, and the returned trial is what is stored."""
+    stored = {}
+    for way in ("optuna", "tuner"):
+        study = new_study(url, way, directions)
+        left, _ = studies.search_budget(1)
+        trial = studies.claim(study, url, new_trials_left=left)
+        trial.suggest_float("x", 0, 1)
+        trial.set_user_attr("note", way)
+        for step, value in enumerate(reports):
+            trial.report(value, step)
+        if way == "optuna":
+            with pytest.warns(UserWarning) if _fails_quietly(told, directions) else _nothing():
+                study.tell(trial, **told)
+        else:
+            returned = studies._tell(study, trial, **told)
+        stored[way] = fresh(url).get_trial(trial._trial_id)
+    ours, theirs = stored["tuner"], stored["optuna"]
+    assert ours.state == theirs.state
+    assert ours.values == theirs.values or (ours.values and all(map(math.isnan, ours.values + theirs.values)))
+    assert ours.intermediate_values.keys() == theirs.intermediate_values.keys()
+    assert (ours.params, ours.user_attrs["note"]) == (theirs.params, "tuner")
+    assert ours.datetime_complete is not None
+    assert (returned.state, returned.values, returned.params, returned.number) == (
+        ours.state,
+        ours.values,
+        ours.params,
+        ours.number,
+    )
+    assert returned.user_attrs == ours.user_attrs
+
+
+def _fails_quietly(told: dict, directions) -> bool:
+    """Optuna's tell warns (instead of raising) when values given without a state cannot be stored."""
+    if "state" in told:
+        return False
+    values = told["values"]
+    values = values if isinstance(values, list) else [values]
+    try:
+        floats = [float(v) for v in values]
+    except (TypeError, ValueError):
+        return True
+    return any(map(math.isnan, floats)) or len(floats) != len(directions)
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_tell_of_a_trial_finished_meanwhile_raises(url):
+    study = new_study(url)
+    left, _ = studies.search_budget(1)
+    trial = studies.claim(study, url, new_trials_left=left)
+    fresh(url).set_trial_state_values(trial._trial_id, TrialState.FAIL)  # a reaper took it for dead
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        studies._tell(study, trial, values=1.0)
+    assert fresh(url).get_trial(trial._trial_id).state == TrialState.FAIL
