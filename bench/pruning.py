@@ -5,13 +5,14 @@
     python bench/pruning.py --quick
 
 The search space is studies/search.toml's, made smaller: one recurrent layer of 16..96 units (the three cells),
-adam/rmsprop/sgd, learning rate 1e-4..1e-1, batch 64/128/256; the search's own 12 epochs and validation, on
-6,000 training images (1,000 held out: one image is 0.1 points of accuracy). Every run goes through
-`tuner.runner.run_study` (what `tuner search` runs): TPE with seed 0, once with each pruner of `--pruners` (the
-default pruner unless told) and once with `--pruner none`, side by side in one process each so that all see the
-same machine load. Figures: epochs trained (the trials' own `epochs_run`), wall time, best validation accuracy.
-The picture (bench/pruning.png) is the best validation accuracy so far against epochs spent. `--trials N` sets
-the trials per run (100 by default), `--subset N` the training images.
+adam/rmsprop/sgd, learning rate 1e-4..1e-1, batch 64/128/256; the search's own 12 epochs and validation, on 6,000
+training images (1,000 held out: one image is 0.1 points of accuracy). Every run goes through
+`tuner.runner.run_study` (what `tuner search` runs): TPE with seed 0 (`--seed`), once with each pruner of
+`--pruners` (the default pruner unless told) and once with `--pruner none`, side by side in one process each so
+that all see the same machine load. Figures: epochs trained (the trials' own `epochs_run`), wall time, best
+validation accuracy. The picture (bench/pruning.png) is the best validation accuracy so far against epochs spent.
+`--trials N` sets the trials per run (100 by default), `--subset N` the training images, `--seed N` the search's
+seed (the same for both runs).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ name = "tpe"
 """
 
 
-def run(tmp: Path, pruner: str, *, trials: int, epochs: int, subset: int) -> dict:
+def run(tmp: Path, pruner: str, *, trials: int, epochs: int, subset: int, seed: int = 0) -> dict:
 
     from tuner import runner
 
@@ -66,7 +67,7 @@ def run(tmp: Path, pruner: str, *, trials: int, epochs: int, subset: int) -> dic
     url = f"sqlite:///{tmp}/pruning.db"
     name = f"pruning-{pruner}"
     t0 = time.perf_counter()
-    runner.run_study(str(study_file), kind="search", storage=url, n_trials=trials, pruner=pruner, seed=0,
+    runner.run_study(str(study_file), kind="search", storage=url, n_trials=trials, pruner=pruner, seed=seed,
                      study_name=name)  # fmt: skip
     wall = time.perf_counter() - t0
     return summarize(url, name, pruner, epochs=epochs, wall=wall)
@@ -102,7 +103,7 @@ def summarize(url: str, name: str, pruner: str, *, epochs: int, wall: float | No
     }
 
 
-def plot(runs: list[dict], path: Path) -> None:
+def plot(runs: list[dict], path: Path, seed: int = 0) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -115,7 +116,7 @@ def plot(runs: list[dict], path: Path) -> None:
         ax.step(xs, ys, where="post", label=f"pruner {r['pruner']}: {r['epochs_spent']} epochs, {r['wall_s']:.0f}s")
     ax.set_xlabel("epochs spent (all trials)")
     ax.set_ylabel("best validation accuracy so far (%)")
-    ax.set_title(f"tuner search, {runs[0]['trials']} trials, TPE seed 0")
+    ax.set_title(f"tuner search, {runs[0]['trials']} trials, TPE seed {seed}")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -133,12 +134,14 @@ def main() -> None:
         default=DEFAULT_SEARCH_PRUNER,
         help="pruners to compare with none, comma-separated (default: tuner search's default)",
     )
+    p.add_argument("--seed", type=int, default=0, help="the search's seed, the same for both runs (default 0)")
     p.add_argument("--run", help=argparse_hidden())
     p.add_argument("--from-dbs", nargs=2, metavar=("HYPERBAND_DB", "NONE_DB"),
                    help="summarise two runs that were cut short, over the trials both finished")  # fmt: skip
     args = p.parse_args()
     benchlib.quiet_tf()
     size = {"trials": 8, "epochs": 4, "subset": 1_200} if args.quick else {"trials": 100, "epochs": 12, "subset": 6_000}
+    size["seed"] = args.seed
     if args.trials:
         size["trials"] = args.trials
     if args.subset:
@@ -173,6 +176,7 @@ def main() -> None:
                 cmd += ["--trials", str(args.trials)]
             if args.subset:
                 cmd += ["--subset", str(args.subset)]
+            cmd += ["--seed", str(args.seed)]
             procs[pruner] = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
         runs = []
         for pruner, proc in procs.items():
@@ -201,7 +205,7 @@ def report(runs: list[dict], size: dict, machine: dict, args) -> None:
     benchlib.write_json(args.json, {"machine": machine, "summary": summaries[0], "summaries": summaries,
                                     "runs": runs})  # fmt: skip
     if not args.quick:
-        plot(runs, Path(args.plot))
+        plot(runs, Path(args.plot), args.seed)
 
 
 def argparse_hidden():

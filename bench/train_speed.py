@@ -47,7 +47,9 @@ LEVERS: dict[str, dict] = {
     "intra2-inter1": {"threads": [2, 1]},
     "onednn-off": {"env": {"TF_ENABLE_ONEDNN_OPTS": "0"}},
     "tf-tensors": {"tensors": True},  # a per-fit lever (no copy of the arrays per trial): shows in fit_s, not epoch_s
+    "fused-lstm": {"fused": True},  # LSTM only: TensorFlow's fused whole-sequence kernel (see fused_lstm_layer)
 }
+ONLY = {"fused-lstm": "LSTM"}  # levers that apply to one cell
 QUICK_LEVERS = ["original", "shipped"]
 
 
@@ -94,7 +96,8 @@ def child(job: dict) -> dict:
     else:  # build_model as it was before any speed lever, plus this variant's levers
         keras.backend.clear_session()
         keras.utils.set_random_seed(0)
-        layer = getattr(keras.layers, config.cell)(config.units, unroll=bool(job.get("unroll")))
+        layer_cls = fused_lstm_layer() if job.get("fused") else getattr(keras.layers, config.cell)
+        layer = layer_cls(config.units, unroll=bool(job.get("unroll")))
         model = keras.Sequential([keras.Input((28, 28)), layer, keras.layers.Dense(10, activation="softmax")])
         model.compile(optimizer=keras.optimizers.Adam(learning_rate=0.001), loss="sparse_categorical_crossentropy",
                       metrics=["accuracy"], jit_compile=bool(job.get("jit")),
@@ -132,6 +135,37 @@ def child(job: dict) -> dict:
         "contended": benchlib.contended(),
         "load_average_1min": os.getloadavg()[0],
     }
+
+
+def fused_lstm_layer():
+    """Keras's LSTM whose 28 steps run as one op: TensorFlow's `BlockLSTM`, the fused CPU kernel (forward and
+    backward over the whole sequence) behind the old `tf.contrib.rnn.LSTMBlockFusedCell`. Same weights, same
+    arithmetic: `BlockLSTM` takes the gates in the order i, c, f, o where Keras keeps i, f, c, o, so the columns
+    are reordered on the way in; no forget bias of its own, no peepholes, no cell clipping. (`BlockLSTMV2` takes
+    Keras's order, but the gradient TensorFlow 2.21 registers for it is `BlockLSTM`'s, in the other order: its
+    weight gradients come out wrong, checked against Keras's LSTM.)"""
+    import keras
+    import tensorflow as tf
+
+    def reorder(t):
+        i, f, c, o = tf.split(t, 4, axis=-1)
+        return tf.concat([i, c, f, o], axis=-1)
+
+    class FusedLSTM(keras.layers.LSTM):
+        def inner_loop(self, sequences, initial_state, mask, training=False):
+            cell = self.cell
+            w = reorder(tf.concat([cell.kernel.value, cell.recurrent_kernel.value], axis=0))
+            x = tf.transpose(sequences, [1, 0, 2])  # time-major
+            steps, batch = tf.shape(x)[0], tf.shape(x)[1]
+            zeros, none = tf.zeros(tf.stack([batch, cell.units])), tf.zeros([cell.units])
+            _, c, _, _, _, _, h = tf.raw_ops.BlockLSTM(
+                seq_len_max=tf.cast(steps, tf.int64), x=x, cs_prev=zeros, h_prev=zeros, w=w, wci=none, wcf=none,
+                wco=none, b=reorder(cell.bias.value), forget_bias=0.0, cell_clip=-1.0, use_peephole=False,
+            )  # fmt: skip
+            outputs = tf.transpose(h, [1, 0, 2]) if self.return_sequences else tf.expand_dims(h[-1], 1)
+            return h[-1], outputs, [h[-1], c[-1]]
+
+    return FusedLSTM
 
 
 def keras_fit(model, splits, *, batch_size: int, epochs: int, seed: int, evaluate_test: bool):
@@ -185,7 +219,9 @@ def main() -> None:
     else:
         levers = args.levers.split(",") if args.levers else [n for n in LEVERS if n != "shipped"]
         plan = [(c, name, N_FULL) for c in CONFIGS for name in GOAL]
-        plan += [(c, name, args.lever_n) for c in CONFIGS if c[0] in cells for name in levers]
+        plan += [
+            (c, name, args.lever_n) for c in CONFIGS if c[0] in cells for name in levers if ONLY.get(name, c[0]) == c[0]
+        ]
     machine = benchlib.machine()
     print(f"machine: {machine}")
     rows = []

@@ -318,8 +318,8 @@ def retrying(fn: Callable[[], T], url: URL, wait_s: float) -> T:
 class TunerStorage(RDBStorage):
     """Optuna's RDBStorage, whose every database call waits out a restart (see the module docstring).
 
-    Two queries of its own serve the worker loop's claim, one statement each where Optuna's cached trial list
-    would re-read every unfinished trial with its params and attributes (seven statements).
+    Transactions of its own serve the worker loop: `claim_trial` and `start_trial` take a trial in one, where
+    Optuna's calls one after another take several, each re-reading what the last one wrote.
     """
 
     db_wait_s: float = 0.0
@@ -329,42 +329,53 @@ class TunerStorage(RDBStorage):
     def tuner_url(self) -> URL:
         return make_url(self.url)
 
-    def first_waiting_trial_id(self, study_id: int) -> int | None:
-        """The queued trial with the lowest id (the one `Study.ask` would pop), or None."""
-        from optuna.storages._rdb.models import TrialModel
+    def claim_trial(
+        self, study_id: int, worker: str, new_allowed: Callable[[dict[TrialState, int]], bool] | None
+    ) -> FrozenTrial | None:
+        """The study's first queued trial, else (if `new_allowed(counts)` says so, given the study's trial counts
+        by state) a new one, made RUNNING for `worker` with its first heartbeat and its `worker` user attribute,
+        all in one transaction under the lock on the study's row (the one Optuna takes to number a new trial).
+        Returns the trial as it now is, or None if there is nothing to take and no new trial allowed. The next
+        `get_trial` of it is served from what this read, without reading it again.
 
-        return self._read(
-            lambda session: (
-                session.query(TrialModel.trial_id)
-                .filter(TrialModel.study_id == study_id, TrialModel.state == TrialState.WAITING)
-                .order_by(TrialModel.trial_id)
-                .limit(1)
-                .scalar()
-            )
-        )
+        Step by step with Optuna's calls (look for a queued trial, count, create, record a heartbeat, set
+        RUNNING, read the trial back, set the worker), taking a trial costs about 40 round trips to the
+        database; here about 12.
+        """
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
 
-    def count_trials(self, study_id: int) -> dict[TrialState, int]:
-        """How many trials of the study are in each state (states with none are absent)."""
-        from optuna.storages._rdb.models import TrialModel
+        def attempt() -> FrozenTrial | None:
+            with _create_scoped_session(self.scoped_session) as session:
+                models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
+                census = (
+                    session.query(
+                        models.TrialModel.state,
+                        sqlalchemy.func.count(models.TrialModel.trial_id),
+                        sqlalchemy.func.min(models.TrialModel.trial_id),
+                    )
+                    .filter(models.TrialModel.study_id == study_id)
+                    .group_by(models.TrialModel.state)
+                    .all()
+                )
+                counts = {TrialState(state): n for state, n, _ in census}
+                waiting = next((first for state, _, first in census if TrialState(state) == TrialState.WAITING), None)
+                if waiting is not None:
+                    trial = models.TrialModel.find_or_raise_by_id(waiting, session, for_update=True)
+                elif new_allowed is not None and new_allowed(counts):
+                    trial = self._get_prepared_new_trial(study_id, None, session)  # Optuna's own: RUNNING, numbered
+                    session.flush()
+                else:
+                    return None
+                frozen = self._run_for(session, trial, worker)
+            self._started[frozen._trial_id] = frozen
+            return frozen
 
-        rows = self._read(
-            lambda session: (
-                session.query(TrialModel.state, sqlalchemy.func.count(TrialModel.trial_id))
-                .filter(TrialModel.study_id == study_id)
-                .group_by(TrialModel.state)
-                .all()
-            )
-        )
-        return {TrialState(state): n for state, n in rows}
+        return retrying(attempt, self.tuner_url, self.db_wait_s)
 
     def start_trial(self, trial_id: int, worker: str) -> FrozenTrial | None:
-        """Take a queued trial: WAITING -> RUNNING with its start time, its first heartbeat and `worker` as its
-        `worker` user attribute, in one transaction. Returns the trial as it now is (the next `get_trial` of it
-        is served from that, without reading it again), or None if another worker took it first.
-
-        What `record_heartbeat`, `set_trial_state_values(RUNNING)`, `get_trial` and `set_trial_user_attr` do one
-        after another, each in a transaction of its own: 10 round trips instead of about 24.
-        """
+        """Take the queued trial `trial_id` for `worker`, as `claim_trial` takes one, in one transaction under the
+        lock on the trial's row. Returns the trial as it now is, or None if another worker took it first."""
         from optuna.storages._rdb import models
         from optuna.storages._rdb.storage import _create_scoped_session
 
@@ -373,77 +384,38 @@ class TunerStorage(RDBStorage):
                 trial = models.TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
                 if trial.state != TrialState.WAITING:
                     return None  # taken (or dropped) meanwhile: the row lock makes this check and the update atomic
-                trial.state = TrialState.RUNNING
-                trial.datetime_start = datetime.datetime.now()
-                beat = models.TrialHeartbeatModel.where_trial_id(trial_id, session, for_update=True)
-                if beat is None:
-                    session.add(models.TrialHeartbeatModel(trial_id=trial_id))
-                else:
-                    beat.heartbeat = sqlalchemy.func.now()
-                attrs = {a.key: a for a in trial.user_attributes}
-                if "worker" in attrs:
-                    attrs["worker"].value_json = json.dumps(worker)
-                else:
-                    trial.user_attributes.append(
-                        models.TrialUserAttributeModel(trial_id=trial_id, key="worker", value_json=json.dumps(worker))
-                    )
-                session.flush()
-                frozen = self._build_frozen_trial_from_trial_model(trial)
+                frozen = self._run_for(session, trial, worker)
             self._started[trial_id] = frozen
             return frozen
 
         return retrying(attempt, self.tuner_url, self.db_wait_s)
 
-    def create_running_trial(self, study_id: int, worker: str) -> FrozenTrial:
-        """A new trial, RUNNING for `worker` from the start, with its first heartbeat and its `worker` user
-        attribute: one transaction, where queueing it and then taking it made two (8 round trips instead of 19).
-        Numbered as Optuna numbers trials (its own code, under its lock on the study row). The next
-        `get_trial` of it is served without reading it."""
+    def _run_for(self, session: sqlalchemy.orm.Session, trial, worker: str) -> FrozenTrial:
+        """Within the caller's transaction: `trial` (a row of Optuna's trials table, queued or just created
+        RUNNING) is RUNNING, started now, with its first heartbeat and `worker` as its `worker` user attribute.
+        Returns it as a frozen trial."""
         from optuna.storages._rdb import models
-        from optuna.storages._rdb.storage import _create_scoped_session
 
-        def attempt() -> FrozenTrial:
-            with _create_scoped_session(self.scoped_session) as session:
-                models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
-                trial = self._get_prepared_new_trial(study_id, None, session)  # RUNNING, started now
-                session.flush()
-                session.add(models.TrialHeartbeatModel(trial_id=trial.trial_id))
-                trial.user_attributes.append(
-                    models.TrialUserAttributeModel(trial_id=trial.trial_id, key="worker", value_json=json.dumps(worker))
-                )
-                frozen = FrozenTrial(
-                    number=trial.number,
-                    state=TrialState.RUNNING,
-                    value=None,
-                    datetime_start=trial.datetime_start,
-                    datetime_complete=None,
-                    params={},
-                    distributions={},
-                    user_attrs={"worker": worker},
-                    system_attrs={},
-                    intermediate_values={},
-                    trial_id=trial.trial_id,
-                )
-            self._started[frozen._trial_id] = frozen
-            return frozen
-
-        return retrying(attempt, self.tuner_url, self.db_wait_s)
+        if trial.state == TrialState.WAITING:
+            trial.state = TrialState.RUNNING
+            trial.datetime_start = datetime.datetime.now()
+        beat = models.TrialHeartbeatModel.where_trial_id(trial.trial_id, session, for_update=True)
+        if beat is None:
+            session.add(models.TrialHeartbeatModel(trial_id=trial.trial_id))
+        else:
+            beat.heartbeat = sqlalchemy.func.now()
+        attrs = {a.key: a for a in trial.user_attributes}
+        if "worker" in attrs:
+            attrs["worker"].value_json = json.dumps(worker)
+        else:
+            attr = models.TrialUserAttributeModel(trial_id=trial.trial_id, key="worker", value_json=json.dumps(worker))
+            trial.user_attributes.append(attr)
+        session.flush()
+        return self._build_frozen_trial_from_trial_model(trial)
 
     @functools.cached_property
     def _started(self) -> dict[int, FrozenTrial]:
         return {}
-
-    def _read(self, query: Callable[[sqlalchemy.orm.Session], T]) -> T:
-        """`query(session)` in a read-only session of this storage, waiting out a restart like every call."""
-
-        def attempt() -> T:
-            with self.scoped_session() as session:
-                try:
-                    return query(session)
-                finally:
-                    session.rollback()
-
-        return retrying(attempt, self.tuner_url, self.db_wait_s)
 
 
 # Every RDBStorage method that talks to the database, including the private ones _CachedStorage calls.

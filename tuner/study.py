@@ -241,48 +241,48 @@ def claim(
     allows, with the study's trial counts by state) a new one.
 
     A trial's first heartbeat is recorded in the transaction that makes it RUNNING, so it is never RUNNING
-    without one. Taking a queued trial needs no study lock: the WAITING -> RUNNING update holds the trial's
-    row lock (`TunerStorage.start_trial`), and a worker that loses the race for a trial looks again. The study
-    lock is held only where a check and a write must not interleave: counting the budget and creating a new
-    trial, and (grids) dropping duplicate cells. The sampler runs after that, outside any lock, so workers do
-    not queue up behind it.
+    without one. A search takes its trial in one transaction (`TunerStorage.claim_trial`) under the study
+    lock, so that the budget is counted and spent in one step, and the lock also keeps it apart from a reaper
+    failing a dead worker's trial and queueing it again. A grid drops duplicate cells under the same lock,
+    then takes a queued cell under the trial's row lock (`TunerStorage.start_trial`): a worker that loses the
+    race for a cell looks again. The sampler runs after all that, outside any lock, so workers do not queue up
+    behind it.
     """
     storage = study._storage
     rdb = storages.backend(study)
+    if rdb is not None and grid_names is None:  # a search: one transaction under the study lock
+        frozen = _locked(
+            storage, url, _claim_lock(study), lambda: rdb.claim_trial(study._study_id, worker_id(), new_trials_left)
+        )
+        if frozen is None:
+            return None
+        storages.remember(study, frozen)
+        return _open_trial(study, frozen._trial_id, url)
 
-    def create() -> tuple[int, bool] | None:
-        """A new trial within the budget: (its id, whether it is RUNNING for this worker already)."""
+    def create() -> int | None:
         if new_trials_left is None or not new_trials_left(_counts(study)):
             return None
-        if rdb is not None:  # RUNNING from the start, heartbeat and all, in one transaction
-            frozen = rdb.create_running_trial(study._study_id, worker_id())
-            storages.remember(study, frozen)
-            return frozen._trial_id, True
-        # Queued, to be taken below: the sampler fills it in when it runs.
-        return storage.create_new_trial(study._study_id, template_trial=create_trial(state=TrialState.WAITING)), False
+        # A new trial, queued: the sampler fills it in when it runs.
+        return storage.create_new_trial(study._study_id, template_trial=create_trial(state=TrialState.WAITING))
 
-    def take_grid() -> tuple[int, bool] | None:
+    def take_grid() -> int | None:
         waiting = _drop_duplicates(study, study.get_trials(deepcopy=False), grid_names)
-        return (waiting[0]._trial_id, False) if waiting else create()
+        return waiting[0]._trial_id if waiting else create()
 
     def first_waiting() -> int | None:
-        if rdb is not None:  # one statement, not a re-read of every unfinished trial
-            return rdb.first_waiting_trial_id(study._study_id)
         waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
         return min((t._trial_id for t in waiting), default=None)
 
     while True:
         if grid_names is not None:
-            found = _locked(storage, url, _claim_lock(study), take_grid)
+            trial_id = _locked(storage, url, _claim_lock(study), take_grid)
         else:
-            waiting = first_waiting()
-            found = (waiting, False) if waiting is not None else _locked(storage, url, _claim_lock(study), create)
-        if found is None:
+            trial_id = first_waiting()
+            if trial_id is None:
+                trial_id = _locked(storage, url, _claim_lock(study), create)
+        if trial_id is None:
             return None
-        trial_id, running = found
-        if running:
-            break
-        if rdb is not None:  # one transaction; the trial it reads is the one `optuna.Trial` below gets
+        if rdb is not None:  # one transaction, under the trial's row lock
             frozen = rdb.start_trial(trial_id, worker_id())
             if frozen is not None:
                 storages.remember(study, frozen)
@@ -294,18 +294,20 @@ def claim(
                 storage.set_trial_user_attr(trial_id, "worker", worker_id())
                 break
         # Another worker took it first (its heartbeat is its own now): look again.
+    return _open_trial(study, trial_id, url)
+
+
+def _open_trial(study: optuna.Study, trial_id: int, url: URL) -> optuna.Trial:
+    """Optuna's Trial for a trial this worker holds RUNNING (a TunerStorage serves the trial it just read)."""
 
     def start() -> optuna.Trial:
         study._thread_local.cached_all_trials = None  # as Study.ask does
         return optuna.Trial(study, trial_id)
 
-    return storages.retrying(start, url, _db_wait(storage))
+    return storages.retrying(start, url, _db_wait(study._storage))
 
 
 def _counts(study: optuna.Study) -> dict[TrialState, int]:
-    rdb = storages.backend(study)
-    if rdb is not None:
-        return rdb.count_trials(study._study_id)
     counts: dict[TrialState, int] = {}
     for t in study.get_trials(deepcopy=False):
         counts[t.state] = counts.get(t.state, 0) + 1
@@ -443,12 +445,9 @@ class StopRequest:
 # The heartbeat process: its first line on stdin says where to write (so the URL, password included, is in no
 # command line or environment); then it beats every interval for the trial id last read ("-": none), the first
 # time one interval after reading it (`claim` recorded the trial's first heartbeat as it took it), and exits
-# at EOF, that is when its worker exits or is killed. It imports Optuna only.
+# at EOF, that is when its worker exits or is killed. It imports Optuna only, when its first beat is due.
 _BEATER = r"""
 import json, os, select, sys, time
-import optuna
-from optuna.storages import RDBStorage
-optuna.logging.set_verbosity(optuna.logging.ERROR)
 interval, grace = float(sys.argv[1]), float(sys.argv[2])
 config, storage, trial, due, last, buf = None, None, None, 0.0, None, b""
 while True:
@@ -467,6 +466,9 @@ while True:
     started = time.monotonic()
     try:
         if storage is None:  # it reads the schema version: the database must be up
+            import optuna  # here, not at start: eight workers starting at once on 2 cores lost 1 s to the imports
+            from optuna.storages import RDBStorage
+            optuna.logging.set_verbosity(optuna.logging.ERROR)
             storage = RDBStorage(config["url"], engine_kwargs=config["engine"], skip_compatibility_check=True,
                                  skip_table_creation=True)
         storage.record_heartbeat(trial)
