@@ -126,7 +126,9 @@ def storage(d: dict) -> str:
 def machine(folder: Path) -> str:
     out = ["| benchmark | CPU | cores | memory GiB | TensorFlow | Keras | Optuna | load average (1 min) at start |",
            "|---|---|---:|---:|---|---|---|---:|"]  # fmt: skip
-    for name in ("train_speed.machine", "trial_overhead", "pruning", "vs_kerastuner", "storage", "storage_workers"):
+    names = ("train_speed.machine", "train_speed_fused.machine", "trial_overhead", "pruning", "pruning_seed1",
+             "vs_kerastuner", "storage", "storage_workers")  # fmt: skip
+    for name in names:
         d = _load(folder, name)
         if d is None:
             continue
@@ -141,8 +143,9 @@ def main() -> None:
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).with_name("results"))
     print(f"### machine\n\n{machine(folder)}\n")
     for name, fn in (("train_speed", train_speed), ("train_speed_xla_full", train_speed),
-                     ("trial_overhead", trial_overhead), ("pruning", pruning), ("vs_kerastuner", vs_kerastuner),
-                     ("storage", storage), ("storage_workers", storage)):  # fmt: skip
+                     ("train_speed_fused", train_speed), ("trial_overhead", trial_overhead), ("pruning", pruning),
+                     ("pruning_seed1", pruning), ("vs_kerastuner", vs_kerastuner), ("storage", storage),
+                     ("storage_workers", storage)):  # fmt: skip
         d = _load(folder, name)
         if d is not None:
             print(f"### {name}\n\n{fn(d)}\n")
