@@ -362,12 +362,11 @@ class TunerStorage(RDBStorage):
                 waiting = next((first for state, _, first in census if TrialState(state) == TrialState.WAITING), None)
                 if waiting is not None:
                     trial = models.TrialModel.find_or_raise_by_id(waiting, session, for_update=True)
+                    frozen = self._run_for(session, trial, worker)
                 elif new_allowed is not None and new_allowed(counts):
-                    trial = self._get_prepared_new_trial(study_id, None, session)  # Optuna's own: RUNNING, numbered
-                    session.flush()
+                    frozen = self._new_for(session, study_id, worker)
                 else:
                     return None
-                frozen = self._run_for(session, trial, worker)
             self._started[frozen._trial_id] = frozen
             return frozen
 
@@ -391,14 +390,12 @@ class TunerStorage(RDBStorage):
         return retrying(attempt, self.tuner_url, self.db_wait_s)
 
     def _run_for(self, session: sqlalchemy.orm.Session, trial, worker: str) -> FrozenTrial:
-        """Within the caller's transaction: `trial` (a row of Optuna's trials table, queued or just created
-        RUNNING) is RUNNING, started now, with its first heartbeat and `worker` as its `worker` user attribute.
-        Returns it as a frozen trial."""
+        """Within the caller's transaction: the queued `trial` (a row of Optuna's trials table) is RUNNING, started
+        now, with its first heartbeat and `worker` as its `worker` user attribute. Returns it as read back."""
         from optuna.storages._rdb import models
 
-        if trial.state == TrialState.WAITING:
-            trial.state = TrialState.RUNNING
-            trial.datetime_start = datetime.datetime.now()
+        trial.state = TrialState.RUNNING
+        trial.datetime_start = datetime.datetime.now()
         beat = models.TrialHeartbeatModel.where_trial_id(trial.trial_id, session, for_update=True)
         if beat is None:
             session.add(models.TrialHeartbeatModel(trial_id=trial.trial_id))
@@ -412,6 +409,33 @@ class TunerStorage(RDBStorage):
             trial.user_attributes.append(attr)
         session.flush()
         return self._build_frozen_trial_from_trial_model(trial)
+
+    def _new_for(self, session: sqlalchemy.orm.Session, study_id: int, worker: str) -> FrozenTrial:
+        """Within the caller's transaction: a new trial, RUNNING for `worker` from now (Optuna's own code makes
+        and numbers it), with its first heartbeat and `worker` as its `worker` user attribute. Nothing else is
+        in it yet, so it is not read back."""
+        from optuna.storages._rdb import models
+
+        trial = self._get_prepared_new_trial(study_id, None, session)
+        session.flush()
+        session.add(models.TrialHeartbeatModel(trial_id=trial.trial_id))
+        session.add(
+            models.TrialUserAttributeModel(trial_id=trial.trial_id, key="worker", value_json=json.dumps(worker))
+        )
+        session.flush()
+        return FrozenTrial(
+            number=trial.number,
+            state=TrialState.RUNNING,
+            value=None,
+            datetime_start=trial.datetime_start,
+            datetime_complete=None,
+            params={},
+            distributions={},
+            user_attrs={"worker": worker},
+            system_attrs={},
+            intermediate_values={},
+            trial_id=trial.trial_id,
+        )
 
     @functools.cached_property
     def _started(self) -> dict[int, FrozenTrial]:
