@@ -480,10 +480,6 @@ def remember(study, frozen: FrozenTrial) -> None:
             add(study._study_id, [frozen])
 
 
-def _plain(kwargs: dict) -> dict:
-    return {k: v for k, v in kwargs.items() if k != "pool_pre_ping"}
-
-
 def _get_trial(self: TunerStorage, trial_id: int) -> FrozenTrial:
     started = self._started.pop(trial_id, None)  # read by `start_trial` a moment ago: no need to read it again
     return started if started is not None else _waiting_get_trial(self, trial_id)
@@ -515,6 +511,10 @@ def check_reachable(url: URL, *, wait_s: float = 0.0) -> None:
         raise StorageError(describe_error(exc, url)) from None
     finally:
         engine.dispose()
+
+
+def _plain(kwargs: dict) -> dict:
+    return {k: v for k, v in kwargs.items() if k != "pool_pre_ping"}
 
 
 def use_wal(path: Path) -> None:
