@@ -1,12 +1,16 @@
-"""The worker loop's own storage steps against a real database file: taking and creating trials (`claim`), and
-telling their outcome (`_tell`), each checked against what a fresh read of the database says."""
+"""The worker loop's own storage steps against real databases: taking and creating trials (`claim`), reading a
+study's trials (`TunerStorage._get_trials`), and telling their outcome (`_tell`), each checked against what a
+fresh read of the database, or Optuna's own code, says. Claims and reads run on SQLite, PostgreSQL and
+MariaDB (tests/dbservers.py: nothing skips)."""
 
 from __future__ import annotations
 
 import math
 
+import dbservers
 import optuna
 import pytest
+from optuna.storages import RDBStorage
 from optuna.storages._rdb import models
 from optuna.trial import TrialState
 
@@ -17,6 +21,16 @@ from tuner import study as studies
 @pytest.fixture
 def url(tmp_path):
     return storages.resolve(f"sqlite:///{tmp_path / 'loop.db'}")
+
+
+@pytest.fixture(params=["sqlite", "postgresql", "mysql"])
+def any_url(request, tmp_path):
+    """A new empty database of each kind."""
+    if request.param == "sqlite":
+        yield storages.resolve(f"sqlite:///{tmp_path / 'loop.db'}")
+        return
+    with dbservers.fresh_database(dbservers.ensure(request.param)) as url:
+        yield storages.resolve(url)
 
 
 def fresh(url) -> storages.TunerStorage:
@@ -35,7 +49,8 @@ def heartbeat_rows(storage: storages.TunerStorage, trial_id: int) -> int:
         return session.query(models.TrialHeartbeatModel).filter_by(trial_id=trial_id).count()
 
 
-def test_claim_creates_a_trial_running_for_this_worker_with_its_first_heartbeat(url):
+def test_claim_creates_a_trial_running_for_this_worker_with_its_first_heartbeat(any_url):
+    url = any_url
     study = new_study(url)
     left, _ = studies.search_budget(5)
     trial = studies.claim(study, url, new_trials_left=left)
@@ -55,7 +70,8 @@ def test_claim_creates_a_trial_running_for_this_worker_with_its_first_heartbeat(
     assert fresh(url).get_trial(trial._trial_id).params == trial.params
 
 
-def test_claim_takes_a_queued_trial_once_with_its_queued_parameters(url):
+def test_claim_takes_a_queued_trial_once_with_its_queued_parameters(any_url):
+    url = any_url
     study = new_study(url)
     study.enqueue_trial({"x": 0.25}, user_attrs={"origin": "queued"})
     trial = studies.claim(study, url, new_trials_left=None)  # no budget for new trials: only the queued one
@@ -71,13 +87,65 @@ def test_claim_takes_a_queued_trial_once_with_its_queued_parameters(url):
     assert fresh(url).get_trial(trial._trial_id).user_attrs["worker"] == studies.worker_id()
 
 
-def test_claim_keeps_the_budget(url):
+def test_claim_keeps_the_budget(any_url):
+    url = any_url
     study = new_study(url)
     left, _ = studies.search_budget(2)
     assert studies.claim(study, url, new_trials_left=left) is not None
     assert studies.claim(study, url, new_trials_left=left) is not None
     assert studies.claim(study, url, new_trials_left=left) is None
     assert len(fresh(url).get_all_trials(study._study_id)) == 2
+
+
+def rich_study(url) -> optuna.Study:
+    """Two objectives, every kind of parameter, values (infinities too), attributes, intermediate values (NaN and
+    infinities too), and trials in every state."""
+    study = new_study(url, "rich", ("minimize", "maximize"))
+    storage = study._storage
+    for number in range(6):
+        trial = study.ask()
+        trial.suggest_float("lr", 1e-5, 1.0, log=True)
+        trial.suggest_int("units", 8, 256, step=8)
+        trial.suggest_categorical("cell", ["lstm", None, 3.5])
+        trial.set_user_attr("note", {"k": [number, "é"]})
+        storage.set_trial_system_attr(trial._trial_id, "sys", number)
+        for step, value in enumerate([float("nan"), float("inf"), float("-inf"), 0.25 * number]):
+            storage.set_trial_intermediate_value(trial._trial_id, step, value)
+        if number in (0, 1):
+            study.tell(trial, [float("-inf"), 0.5 + number])
+        elif number == 2:
+            study.tell(trial, state=TrialState.PRUNED)
+        elif number == 3:
+            study.tell(trial, state=TrialState.FAIL)
+        # 4 and 5 stay RUNNING
+    study.enqueue_trial({"lr": 0.5}, user_attrs={"queued": True})
+    return study
+
+
+def test_reading_trials_gives_what_optunas_read_gives(any_url, monkeypatch):
+    """TunerStorage reads a study's trials in one statement of its own: the same trials as Optuna's ORM read,
+    field for field (compared as text, since NaN != NaN), for every shape of request Optuna's cache makes."""
+    study = rich_study(any_url)
+    ours = fresh(any_url)
+    ids = [t._trial_id for t in RDBStorage._get_trials(ours, study._study_id, None, set(), -1)]
+    assert len(ids) == 7
+    shapes = [
+        (None, set(), -1),  # everything
+        (None, {ids[4], ids[5]}, ids[3]),  # the cache's usual: unfinished ones and anything newer
+        (None, set(), ids[5]),  # only newer
+        ((TrialState.COMPLETE, TrialState.PRUNED), set(), -1),
+        ((TrialState.RUNNING,), {ids[4]}, ids[1]),
+        (None, set(), ids[-1]),  # nothing new
+    ]
+    for states, included, above in shapes:
+        theirs = RDBStorage._get_trials(ours, study._study_id, states, included, above)
+        assert repr(ours._get_trials(study._study_id, states, included, above)) == repr(theirs)
+    monkeypatch.setattr(storages, "MANY_IDS", 1)  # many unfinished ids: read from the lowest, filtered after
+    theirs = RDBStorage._get_trials(ours, study._study_id, None, {ids[1], ids[4]}, ids[5])
+    assert repr(ours._get_trials(study._study_id, None, {ids[1], ids[4]}, ids[5])) == repr(theirs)
+    assert [t.number for t in theirs] == [1, 4, 6]
+    with pytest.raises(KeyError):
+        ours._get_trials(study._study_id + 1000, None, set(), -1)
 
 
 CASES = [
