@@ -6,6 +6,7 @@ MariaDB (tests/dbservers.py: nothing skips)."""
 from __future__ import annotations
 
 import math
+import time
 
 import dbservers
 import optuna
@@ -228,3 +229,38 @@ def test_tell_of_a_trial_finished_meanwhile_raises(url):
     with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
         studies._tell(study, trial, values=1.0)
     assert fresh(url).get_trial(trial._trial_id).state == TrialState.FAIL
+
+
+def test_the_heartbeat_process_starts_with_the_first_trial_and_keeps_a_long_trial_alive(url, monkeypatch):
+    """The worker's heartbeat process is started when its first trial starts (not with the loop), and beats for
+    a trial that runs longer than the grace period (1 s beats, 2 s grace, a 3.5 s trial): the trial completes,
+    and its heartbeat moved while it ran, with the process alive (the thread beats only when it is not)."""
+    storage = storages.open_storage(url, create=True, heartbeat_s=1)
+    study = optuna.create_study(storage=storage, study_name="long", sampler=optuna.samplers.RandomSampler(seed=0))
+    beaters: list = []
+
+    class Recorded(studies.Beater):
+        def __init__(self, study):
+            super().__init__(study)
+            beaters.append(self)
+            self.proc_at_start = self.proc
+
+    def beat_of(trial_id: int):
+        with fresh(url).scoped_session() as session:
+            return session.query(models.TrialHeartbeatModel).filter_by(trial_id=trial_id).one().heartbeat
+
+    seen = {}
+
+    def objective(trial):
+        seen["first"] = beat_of(trial._trial_id)
+        time.sleep(3.5)
+        seen["last"], seen["alive"] = beat_of(trial._trial_id), beaters[0].alive
+        return 1.0
+
+    monkeypatch.setattr(studies, "Beater", Recorded)
+    left, done = studies.search_budget(1)
+    studies.run_trials(study, url, objective, new_trials_left=left, done=done)
+    assert beaters[0].proc_at_start is None and beaters[0].proc is not None
+    assert seen["alive"] and (seen["last"] - seen["first"]).total_seconds() >= 2
+    (trial,) = fresh(url).get_all_trials(study._study_id)
+    assert trial.state == TrialState.COMPLETE and "interrupted" not in trial.user_attrs

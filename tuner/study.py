@@ -495,8 +495,15 @@ class Beater:
 
     def __init__(self, study: optuna.Study) -> None:
         self.proc: subprocess.Popen | None = None
-        rdb = storages.backend(study)
-        interval = rdb.get_heartbeat_interval() if rdb else None
+        self.rdb = storages.backend(study)
+        self.interval = self.rdb.get_heartbeat_interval() if self.rdb else None
+        self.started = False
+
+    def _start(self) -> None:
+        """Start the process, at the first trial (not when the worker starts: eight workers starting together on
+        2 cores each paid for the others' interpreters while they took their first trials under the study lock)."""
+        self.started = True
+        rdb, interval = self.rdb, self.interval
         if rdb is None or interval is None:
             return
         grace = rdb.grace_period or 2 * interval
@@ -522,6 +529,8 @@ class Beater:
                 self.proc.stdin.flush()
 
     def beat(self, trial_id: int | None) -> None:
+        if trial_id is not None and not self.started:
+            self._start()
         self._send("-" if trial_id is None else str(trial_id))
 
     def close(self) -> None:
