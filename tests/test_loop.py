@@ -264,3 +264,66 @@ def test_the_heartbeat_process_starts_with_the_first_trial_and_keeps_a_long_tria
     assert seen["alive"] and (seen["last"] - seen["first"]).total_seconds() >= 2
     (trial,) = fresh(url).get_all_trials(study._study_id)
     assert trial.state == TrialState.COMPLETE and "interrupted" not in trial.user_attrs
+
+
+def _outcome(call):
+    try:
+        return ("returned", call())
+    except Exception as exc:  # the type is what is compared
+        return ("raised", type(exc).__name__)
+
+
+def test_trial_writes_do_what_optunas_do(any_url):
+    """Parameters, attributes and state changes written by TunerStorage's own statements against the same calls
+    to Optuna's RDBStorage, on two identical studies: the same return value or exception at every step (running,
+    queued, finished and missing trials; a clashing distribution; a parameter set twice), and the same trials
+    stored in the end."""
+    from optuna.distributions import FloatDistribution, IntDistribution
+
+    results, stored = {}, {}
+    for way in ("optuna", "tuner"):
+        study = new_study(any_url, way, ("minimize", "maximize"))
+        ours = fresh(any_url)
+        a, b = study.ask()._trial_id, study.ask()._trial_id
+        study.enqueue_trial({})
+        queued = ours._get_trials(study._study_id, (TrialState.WAITING,), set(), -1)[0]._trial_id
+        missing = queued + 10_000
+
+        def call(name, *args, _way=way, _ours=ours):
+            if _way == "optuna":
+                return lambda: getattr(RDBStorage, name)(_ours, *args)
+            return lambda: getattr(_ours, name)(*args)
+
+        lr, units = FloatDistribution(1e-4, 1.0, log=True), IntDistribution(8, 64)
+        steps = [
+            call("_set_trial_param", a, "lr", 0.01, lr, None),  # the study's first "lr": nothing to check
+            call("_set_trial_param", b, "lr", 0.02, lr, None),  # checked against a's, read from the database
+            call("_set_trial_param", b, "units", 1.0, FloatDistribution(0, 1), lr),  # clashes: ValueError
+            call("_set_trial_param", a, "units", 16, units, None),
+            call("_set_trial_param", a, "units", 16, units, units),  # set twice: ignored
+            call("_set_trial_param", missing, "lr", 0.5, lr, lr),
+            call("set_trial_user_attr", a, "note", {"x": [1, "é"]}),
+            call("set_trial_user_attr", a, "note", "replaced"),
+            call("set_trial_system_attr", b, "sys", 3),
+            call("set_trial_system_attr", queued, "sys", 4),  # a queued trial takes attributes
+            call("set_trial_system_attr", missing, "sys", 5),
+            call("set_trial_state_values", a, TrialState.RUNNING),  # running already: False
+            call("set_trial_state_values", queued, TrialState.RUNNING),  # taken: True
+            call("set_trial_state_values", queued, TrialState.RUNNING),  # taken again: False
+            call("set_trial_state_values", a, TrialState.COMPLETE, [float("inf"), 0.5]),
+            call("set_trial_state_values", a, TrialState.FAIL),  # finished: UpdateFinishedTrialError
+            call("set_trial_user_attr", a, "late", 1),
+            call("set_trial_system_attr", a, "late", 1),
+            call("_set_trial_param", a, "late", 0.5, lr, lr),
+            call("set_trial_state_values", b, TrialState.PRUNED),
+            call("set_trial_state_values", missing, TrialState.FAIL),
+        ]
+        results[way] = [_outcome(step) for step in steps]
+        stored[way] = [
+            (t.number, t.state, t.values, t.params, t.user_attrs, t.system_attrs, t.datetime_complete is None)
+            for t in ours._get_trials(study._study_id, None, set(), -1)
+        ]
+    assert results["tuner"] == results["optuna"]
+    assert ("raised", "ValueError") in results["tuner"] and ("raised", "UpdateFinishedTrialError") in results["tuner"]
+    assert ("raised", "KeyError") in results["tuner"] and ("returned", False) in results["tuner"]
+    assert stored["tuner"] == stored["optuna"]

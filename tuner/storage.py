@@ -455,6 +455,137 @@ class TunerStorage(RDBStorage):
             trial_id=trial_id,
         )
 
+    # Writes a trial takes while it runs and when it ends. Optuna's versions each read the trial through the ORM
+    # (to check it is still running) and then write, in a transaction; these check and write in one statement
+    # where they can (the write applies only to a trial that is still running or queued), and look at the
+    # trial only when nothing was written, to raise what Optuna raises.
+
+    def set_trial_state_values(self, trial_id: int, state: TrialState, values=None) -> bool:
+        """Optuna's `set_trial_state_values`: store `values` (if given) and make the trial `state`, unless it
+        finished already (UpdateFinishedTrialError). Returns False if `state` is RUNNING and the trial was not
+        queued (another worker took it first)."""
+        from optuna.storages._rdb import models
+
+        trials, stored = models.TrialModel.__table__, models.TrialValueModel.__table__
+
+        def attempt() -> bool:
+            now = _utc(datetime.datetime.now())
+            change: dict = {"state": state}
+            if state == TrialState.RUNNING:
+                change["datetime_start"] = now
+            if state.is_finished():
+                change["datetime_complete"] = now
+            takes = [TrialState.WAITING] if state == TrialState.RUNNING else [TrialState.RUNNING, TrialState.WAITING]
+            try:
+                with self.engine.begin() as conn:
+                    moved = conn.execute(
+                        sqlalchemy.update(trials)
+                        .where(trials.c.trial_id == trial_id, trials.c.state.in_(takes))
+                        .values(**change)
+                    ).rowcount
+                    if not moved:
+                        current = self._state(conn, trial_id)
+                        self.check_trial_is_updatable(trial_id, current)
+                        return False  # RUNNING asked of a trial that is RUNNING already
+                    for objective, value in enumerate(values or ()):
+                        number, kind = models.TrialValueModel.value_to_stored_repr(value)
+                        self._upsert(
+                            conn, stored, {"trial_id": trial_id, "objective": objective},
+                            {"value": number, "value_type": kind},
+                        )  # fmt: skip
+            except sqlalchemy.exc.IntegrityError:
+                return False
+            return True
+
+        return retrying(attempt, self.tuner_url, self.db_wait_s)
+
+    def _set_trial_param(self, trial_id: int, param_name: str, param_value_internal: float, distribution,
+                         previous_distribution) -> None:  # fmt: skip
+        """Optuna's: store a parameter of a running trial, after checking its distribution against the one the
+        study already has for that name (read from the database unless given)."""
+        from optuna import distributions
+        from optuna.storages._rdb import models
+
+        trials, params = models.TrialModel.__table__, models.TrialParamModel.__table__
+
+        def attempt() -> None:
+            with self._writing() as conn:
+                previous = previous_distribution
+                if previous is None:
+                    study = sqlalchemy.select(trials.c.study_id).where(trials.c.trial_id == trial_id).scalar_subquery()
+                    first = conn.execute(
+                        sqlalchemy.select(params.c.distribution_json)
+                        .select_from(params.join(trials, params.c.trial_id == trials.c.trial_id))
+                        .where(trials.c.study_id == study, params.c.param_name == param_name)
+                        .limit(1)
+                    ).scalar()
+                    previous = None if first is None else distributions.json_to_distribution(first)
+                if previous is not None:
+                    distributions.check_distribution_compatibility(previous, distribution)
+                row = {
+                    "trial_id": trial_id, "param_name": param_name, "param_value": param_value_internal,
+                    "distribution_json": distributions.distribution_to_json(distribution),
+                }  # fmt: skip
+                insert = _insert_if_updatable(conn.dialect.name, params.name, tuple(row))
+                try:
+                    written = conn.execute(insert, row).rowcount
+                except sqlalchemy.exc.IntegrityError:
+                    return  # set already: Optuna ignores this too
+                if not written:
+                    self.check_trial_is_updatable(trial_id, self._state(conn, trial_id))
+
+        retrying(attempt, self.tuner_url, self.db_wait_s)
+
+    def set_trial_user_attr(self, trial_id: int, key: str, value) -> None:
+        from optuna.storages._rdb import models
+
+        self._set_attr(models.TrialUserAttributeModel.__table__, trial_id, key, value)
+
+    def set_trial_system_attr(self, trial_id: int, key: str, value) -> None:
+        from optuna.storages._rdb import models
+
+        self._set_attr(models.TrialSystemAttributeModel.__table__, trial_id, key, value)
+
+    def _set_attr(self, table: sqlalchemy.Table, trial_id: int, key: str, value) -> None:
+        """Optuna's: set (or replace) an attribute of a trial that is running or queued."""
+
+        def attempt() -> None:
+            with self._writing() as conn:
+                row = {"trial_id": trial_id, "key": key, "value_json": json.dumps(value)}
+                upsert = _insert_if_updatable(conn.dialect.name, table.name, tuple(row), ("value_json",))
+                if not conn.execute(upsert, row).rowcount:
+                    self.check_trial_is_updatable(trial_id, self._state(conn, trial_id))
+
+        retrying(attempt, self.tuner_url, self.db_wait_s)
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[sqlalchemy.Connection]:
+        """A connection for one or two statements that need no transaction around them: on PostgreSQL in
+        autocommit (no BEGIN and COMMIT round trips; psycopg sets it on the client side), elsewhere in one."""
+        with self.engine.connect() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execution_options(isolation_level="AUTOCOMMIT")
+                yield conn
+            else:
+                with conn.begin():
+                    yield conn
+
+    @staticmethod
+    def _state(conn: sqlalchemy.Connection, trial_id: int) -> TrialState:
+        """The trial's state, or KeyError as Optuna raises it for a trial that does not exist."""
+        from optuna.storages._rdb import models
+
+        trials = models.TrialModel.__table__
+        state = conn.execute(sqlalchemy.select(trials.c.state).where(trials.c.trial_id == trial_id)).scalar()
+        if state is None:
+            raise KeyError(models.NOT_FOUND_MSG)
+        return state
+
+    @staticmethod
+    def _upsert(conn: sqlalchemy.Connection, table: sqlalchemy.Table, keys: dict, values: dict) -> None:
+        """Insert the row `keys | values` or, if a row with `keys` (a unique key) exists, set its `values`."""
+        conn.execute(_upsert_statement(conn.dialect.name, table, {**keys, **values}, keys, values))
+
     @functools.cached_property
     def _started(self) -> dict[int, FrozenTrial]:
         return {}
@@ -587,6 +718,47 @@ def _trials_and_related(with_states: bool, mode: str) -> sqlalchemy.Select:
     return sqlalchemy.select(*columns).order_by(union.c.kind, union.c.trial_id, union.c.row_id)
 
 
+def _dialect_insert(dialect: str):
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif dialect == "mysql":
+        from sqlalchemy.dialects.mysql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert
+
+
+def _upsert_statement(dialect: str, table: sqlalchemy.Table, row, keys, values):
+    """The dialect's own upsert, as Optuna writes attributes: ON CONFLICT DO UPDATE (PostgreSQL, SQLite) or ON
+    DUPLICATE KEY UPDATE (MySQL). `row` is a dict of values or a select of them in table column order."""
+    insert = _dialect_insert(dialect)(table)
+    stmt = insert.values(row) if isinstance(row, dict) else insert.from_select(list(keys) + list(values), row)
+    if dialect == "mysql":
+        return stmt.on_duplicate_key_update({c: stmt.inserted[c] for c in values})
+    return stmt.on_conflict_do_update(index_elements=list(keys), set_={c: stmt.excluded[c] for c in values})
+
+
+@functools.cache
+def _insert_if_updatable(dialect: str, table_name: str, columns: tuple[str, ...], replace: tuple[str, ...] = ()):
+    """INSERT a row of `columns` (bound by name; replacing the columns `replace` of an existing row with the same
+    unique key, if any) only if its trial (`trial_id`) is running or queued: one statement, whose row count says
+    whether it was written. Built once for each shape."""
+    from optuna.storages._rdb import models
+
+    table = models.BaseModel.metadata.tables[table_name]
+    trials = models.TrialModel.__table__
+    updatable = sqlalchemy.exists().where(
+        trials.c.trial_id == sqlalchemy.bindparam("trial_id", type_=sqlalchemy.Integer),
+        trials.c.state.in_([TrialState.RUNNING, TrialState.WAITING]),
+    )
+    source = sqlalchemy.select(*(sqlalchemy.bindparam(c, type_=table.c[c].type) for c in columns)).where(updatable)
+    if not replace:
+        stmt = table.insert().from_select(list(columns), source)
+    else:
+        stmt = _upsert_statement(dialect, table, source, [c for c in columns if c not in replace], list(replace))
+    return stmt.execution_options(preserve_rowcount=True)  # SQLAlchemy keeps an INSERT's row count only if asked
+
+
 def _frozen_trials(rows) -> list[FrozenTrial]:
     """Optuna's FrozenTrials from the rows of `_trials_and_related`, in the rows' order of trials."""
     from optuna import distributions
@@ -644,14 +816,14 @@ def _local(utc: datetime.datetime | None) -> datetime.datetime | None:
     return None if utc is None else utc.replace(tzinfo=datetime.UTC).astimezone().replace(tzinfo=None)
 
 
-# Every RDBStorage method that talks to the database, including the private ones _CachedStorage calls
-# (`_get_trials` is TunerStorage's own, retrying inside).
+# Every RDBStorage method that talks to the database, including the private ones _CachedStorage calls (those
+# TunerStorage has of its own, `_get_trials`, `_set_trial_param`, `set_trial_state_values` and the trial
+# attributes', retry inside).
 _DB_METHODS = (
     "create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr", "get_study_id_from_name",
     "get_study_name_from_id", "get_study_directions", "get_study_user_attrs", "get_study_system_attrs",
-    "get_all_studies", "create_new_trial", "_create_new_trial", "set_trial_param", "_set_trial_param",
-    "get_trial_param", "set_trial_state_values", "set_trial_intermediate_value", "set_trial_user_attr",
-    "set_trial_system_attr", "get_trial_user_attrs", "get_trial_system_attrs",
+    "get_all_studies", "create_new_trial", "_create_new_trial", "set_trial_param", "get_trial_param",
+    "set_trial_intermediate_value", "get_trial_user_attrs", "get_trial_system_attrs",
     "get_trial_id_from_study_id_trial_number", "get_trial", "get_all_trials", "get_best_trial",
     "_get_best_trial_id", "record_heartbeat", "_get_stale_trial_ids",
 )  # fmt: skip
