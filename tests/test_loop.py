@@ -327,3 +327,21 @@ def test_trial_writes_do_what_optunas_do(any_url):
     assert ("raised", "ValueError") in results["tuner"] and ("raised", "UpdateFinishedTrialError") in results["tuner"]
     assert ("raised", "KeyError") in results["tuner"] and ("returned", False) in results["tuner"]
     assert stored["tuner"] == stored["optuna"]
+
+
+def test_a_process_freezes_what_it_holds_once_when_it_first_runs_trials(url, monkeypatch):
+    """The loop moves what is alive at its first start out of the garbage collector's sight (gc.freeze), once
+    per process: a second study run in the same process does not freeze again (it would keep the garbage
+    waiting then)."""
+    import gc
+    import threading
+
+    frozen = []
+    monkeypatch.setattr(studies, "_FROZEN", threading.Event())
+    monkeypatch.setattr(gc, "freeze", lambda: frozen.append(gc.get_count()))
+    for name in ("first", "second"):
+        study = new_study(url, name)
+        left, done = studies.search_budget(2)
+        studies.run_trials(study, url, lambda trial: trial.suggest_float("x", 0, 1), new_trials_left=left, done=done)
+        assert len(fresh(url).get_all_trials(study._study_id)) == 2
+    assert len(frozen) == 1

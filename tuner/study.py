@@ -25,6 +25,7 @@ import _thread
 import contextlib
 import copy
 import datetime
+import gc
 import json
 import logging
 import math
@@ -699,6 +700,7 @@ def run_trials(
     being run is then left RUNNING, and re-run by another worker once its heartbeat is stale), and a one-line
     StorageError for any other database error.
     """
+    _freeze_once()
     stop = StopRequest()
     stop.install()
     try:
@@ -706,6 +708,20 @@ def run_trials(
             _Loop(study, url, objective, progress or Progress(), stop).run(new_trials_left, done, deadline)
     finally:
         stop.uninstall()
+
+
+_FROZEN = threading.Event()
+
+
+def _freeze_once() -> None:
+    """Move what is alive when a process first runs trials (the imported libraries, the data, the study: all of
+    it lives as long as the worker) out of the garbage collector's sight, so that its full collections no longer
+    walk it. Without this each worker's first full collection came in its first trials: 50 ms of CPU in a worker
+    that had imported Optuna alone, eight workers starting together on 2 cores lost 0.2 s to it. Once per
+    process: a later call would also keep whatever cyclic garbage was waiting then."""
+    if not _FROZEN.is_set():
+        _FROZEN.set()
+        gc.freeze()
 
 
 class _Loop:
