@@ -127,7 +127,8 @@ def machine(folder: Path) -> str:
     out = ["| benchmark | CPU | cores | memory GiB | TensorFlow | Keras | Optuna | load average (1 min) at start |",
            "|---|---|---:|---:|---|---|---|---:|"]  # fmt: skip
     names = ("train_speed.machine", "train_speed_fused.machine", "trial_overhead", "pruning", "pruning_seed1",
-             "pruning_rf4_seed0", "pruning_rf4_seed1", "vs_kerastuner", "storage", "storage_workers")  # fmt: skip
+             "pruning_seed2", "pruning_rf4_seed0", "pruning_rf4_seed1", "vs_kerastuner", "storage",
+             "storage_workers")  # fmt: skip
     for name in names:
         d = _load(folder, name)
         if d is None:
@@ -144,7 +145,8 @@ def main() -> None:
     print(f"### machine\n\n{machine(folder)}\n")
     for name, fn in (("train_speed", train_speed), ("train_speed_xla_full", train_speed),
                      ("train_speed_fused", train_speed), ("trial_overhead", trial_overhead), ("pruning", pruning),
-                     ("pruning_seed1", pruning), ("pruning_rf4_seed0", pruning), ("pruning_rf4_seed1", pruning),
+                     ("pruning_seed1", pruning), ("pruning_seed2", pruning), ("pruning_rf4_seed0", pruning),
+                     ("pruning_rf4_seed1", pruning),
                      ("vs_kerastuner", vs_kerastuner), ("storage", storage),
                      ("storage_workers", storage)):  # fmt: skip
         d = _load(folder, name)

@@ -16,6 +16,11 @@ Two things Optuna's RDBStorage leaves to its user when many workers share a data
   exponential backoff, for up to `--db-wait` seconds from the start of the outage, then raises
   `DatabaseUnavailable` with one line. Inside `study_lock` nothing is retried: the lock itself may have been
   lost with the connection, so the whole locked step is retried by the caller (`retrying`) instead.
+
+And one thing it does slowly: every call goes through the ORM, a transaction and a read of the trial before
+each write. `TunerStorage` does what a worker does on every trial (take it, read the study's new trials, set
+parameters and attributes, store the outcome) in SQL statements of its own on Optuna's tables, with Optuna's
+semantics (tests/test_loop.py compares them with Optuna's code on SQLite, PostgreSQL and MariaDB).
 """
 
 from __future__ import annotations
