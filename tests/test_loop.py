@@ -274,10 +274,10 @@ def _outcome(call):
 
 
 def test_trial_writes_do_what_optunas_do(any_url):
-    """Parameters, attributes and state changes written by TunerStorage's own statements against the same calls
-    to Optuna's RDBStorage, on two identical studies: the same return value or exception at every step (running,
-    queued, finished and missing trials; a clashing distribution; a parameter set twice), and the same trials
-    stored in the end."""
+    """Parameters, attributes, intermediate values and state changes written by TunerStorage's own statements
+    against the same calls to Optuna's RDBStorage, on two identical studies: the same return value or exception
+    at every step (running, queued, finished and missing trials; a clashing distribution; a parameter set twice;
+    a reported value replaced), and the same trials stored in the end."""
     from optuna.distributions import FloatDistribution, IntDistribution
 
     results, stored = {}, {}
@@ -307,6 +307,10 @@ def test_trial_writes_do_what_optunas_do(any_url):
             call("set_trial_system_attr", b, "sys", 3),
             call("set_trial_system_attr", queued, "sys", 4),  # a queued trial takes attributes
             call("set_trial_system_attr", missing, "sys", 5),
+            call("set_trial_intermediate_value", a, 0, 0.5),
+            call("set_trial_intermediate_value", a, 0, float("nan")),  # replaced
+            call("set_trial_intermediate_value", a, 1, float("-inf")),
+            call("set_trial_intermediate_value", missing, 0, 0.5),
             call("set_trial_state_values", a, TrialState.RUNNING),  # running already: False
             call("set_trial_state_values", queued, TrialState.RUNNING),  # taken: True
             call("set_trial_state_values", queued, TrialState.RUNNING),  # taken again: False
@@ -314,13 +318,23 @@ def test_trial_writes_do_what_optunas_do(any_url):
             call("set_trial_state_values", a, TrialState.FAIL),  # finished: UpdateFinishedTrialError
             call("set_trial_user_attr", a, "late", 1),
             call("set_trial_system_attr", a, "late", 1),
+            call("set_trial_intermediate_value", a, 2, 1.0),
             call("_set_trial_param", a, "late", 0.5, lr, lr),
             call("set_trial_state_values", b, TrialState.PRUNED),
             call("set_trial_state_values", missing, TrialState.FAIL),
         ]
         results[way] = [_outcome(step) for step in steps]
         stored[way] = [
-            (t.number, t.state, t.values, t.params, t.user_attrs, t.system_attrs, t.datetime_complete is None)
+            (
+                t.number,
+                t.state,
+                t.values,
+                t.params,
+                t.user_attrs,
+                t.system_attrs,
+                repr(t.intermediate_values),
+                t.datetime_complete is None,
+            )
             for t in ours._get_trials(study._study_id, None, set(), -1)
         ]
     assert results["tuner"] == results["optuna"]

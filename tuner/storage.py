@@ -541,6 +541,15 @@ class TunerStorage(RDBStorage):
 
         retrying(attempt, self.tuner_url, self.db_wait_s)
 
+    def set_trial_intermediate_value(self, trial_id: int, step: int, intermediate_value: float) -> None:
+        """Optuna's: set (or replace) the value reported at `step` by a trial that is running or queued."""
+        from optuna.storages._rdb import models
+
+        table = models.TrialIntermediateValueModel.__table__
+        value, kind = models.TrialIntermediateValueModel.intermediate_value_to_stored_repr(intermediate_value)
+        row = {"trial_id": trial_id, "step": step, "intermediate_value": value, "intermediate_value_type": kind}
+        self._write_if_updatable(table, row, ("intermediate_value", "intermediate_value_type"))
+
     def set_trial_user_attr(self, trial_id: int, key: str, value) -> None:
         from optuna.storages._rdb import models
 
@@ -553,13 +562,19 @@ class TunerStorage(RDBStorage):
 
     def _set_attr(self, table: sqlalchemy.Table, trial_id: int, key: str, value) -> None:
         """Optuna's: set (or replace) an attribute of a trial that is running or queued."""
+        self._write_if_updatable(
+            table, {"trial_id": trial_id, "key": key, "value_json": json.dumps(value)}, ("value_json",)
+        )
+
+    def _write_if_updatable(self, table: sqlalchemy.Table, row: dict, replace: tuple[str, ...]) -> None:
+        """Insert `row`, or set its `replace` columns where a row with the same unique key exists, if its trial is
+        running or queued; else raise what Optuna raises (KeyError, UpdateFinishedTrialError)."""
 
         def attempt() -> None:
             with self._writing() as conn:
-                row = {"trial_id": trial_id, "key": key, "value_json": json.dumps(value)}
-                upsert = _insert_if_updatable(conn.dialect.name, table.name, tuple(row), ("value_json",))
+                upsert = _insert_if_updatable(conn.dialect.name, table.name, tuple(row), replace)
                 if not conn.execute(upsert, row).rowcount:
-                    self.check_trial_is_updatable(trial_id, self._state(conn, trial_id))
+                    self.check_trial_is_updatable(row["trial_id"], self._state(conn, row["trial_id"]))
 
         retrying(attempt, self.tuner_url, self.db_wait_s)
 
@@ -822,13 +837,13 @@ def _local(utc: datetime.datetime | None) -> datetime.datetime | None:
 
 
 # Every RDBStorage method that talks to the database, including the private ones _CachedStorage calls (those
-# TunerStorage has of its own, `_get_trials`, `_set_trial_param`, `set_trial_state_values` and the trial
-# attributes', retry inside).
+# TunerStorage has of its own, `_get_trials`, `_set_trial_param`, `set_trial_state_values`,
+# `set_trial_intermediate_value` and the trial attributes', retry inside).
 _DB_METHODS = (
     "create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr", "get_study_id_from_name",
     "get_study_name_from_id", "get_study_directions", "get_study_user_attrs", "get_study_system_attrs",
     "get_all_studies", "create_new_trial", "_create_new_trial", "set_trial_param", "get_trial_param",
-    "set_trial_intermediate_value", "get_trial_user_attrs", "get_trial_system_attrs",
+    "get_trial_user_attrs", "get_trial_system_attrs",
     "get_trial_id_from_study_id_trial_number", "get_trial", "get_all_trials", "get_best_trial",
     "_get_best_trial_id", "record_heartbeat", "_get_stale_trial_ids",
 )  # fmt: skip
