@@ -27,8 +27,8 @@ PARAM_KEYS = (*MODEL_KEYS, "batch_size")
 SAMPLERS = ("grid", "tpe", "random", "gp", "cmaes")
 PRUNERS = ("hyperband", "successive-halving", "median", "none")
 # bench/pruning.py: successive halving saved 61% of epochs where Hyperband saved 50% (1,500 images, an earlier
-# round); on 6,000 images 57.8% and 43.0% (seeds 0 and 1), its best 0.05 points behind the unpruned search's on
-# average. A reduction factor of 4 saved 63.6% but lost 0.8 points (BENCHMARKS.md).
+# round); on 6,000 images 57.8%, 43.0% and 55.8% (seeds 0 to 2), its best 0.10 points behind the unpruned search's
+# on average. A reduction factor of 4 saved 63.6% but lost 0.8 points (BENCHMARKS.md).
 DEFAULT_SEARCH_PRUNER = "successive-halving"
 CHECKS = ("chance_level", "converges", "flat", "separates", "gain", "best_gain", "not_worth", "best")
 TRAIN_FIGURES = ("last_batch", "mean")
