@@ -423,7 +423,7 @@ class TunerStorage(RDBStorage):
             sqlalchemy.update(attrs).where(attrs.c.trial_id == trial_id, attrs.c.key == "worker").values(value_json=who)
         ).rowcount:
             conn.execute(sqlalchemy.insert(attrs).values(trial_id=trial_id, key="worker", value_json=who))
-        rows = conn.execute(self._trials_statement(False, "only"), {"study_id": study_id, "ids": [trial_id]}).all()
+        rows = conn.execute(_trials_and_related(False, "only"), {"study_id": study_id, "ids": [trial_id]}).all()
         return _frozen_trials(rows)[0]
 
     def _new_for(self, conn: sqlalchemy.Connection, study_id: int, number: int, worker: str) -> FrozenTrial:
@@ -514,7 +514,7 @@ class TunerStorage(RDBStorage):
         trials, params = models.TrialModel.__table__, models.TrialParamModel.__table__
 
         def attempt() -> None:
-            with self._writing() as conn:
+            with self._unwrapped() as conn:
                 previous = previous_distribution
                 if previous is None:
                     study = sqlalchemy.select(trials.c.study_id).where(trials.c.trial_id == trial_id).scalar_subquery()
@@ -571,7 +571,7 @@ class TunerStorage(RDBStorage):
         running or queued; else raise what Optuna raises (KeyError, UpdateFinishedTrialError)."""
 
         def attempt() -> None:
-            with self._writing() as conn:
+            with self._unwrapped() as conn:
                 upsert = _insert_if_updatable(conn.dialect.name, table.name, tuple(row), replace)
                 if not conn.execute(upsert, row).rowcount:
                     self.check_trial_is_updatable(row["trial_id"], self._state(conn, row["trial_id"]))
@@ -579,9 +579,10 @@ class TunerStorage(RDBStorage):
         retrying(attempt, self.tuner_url, self.db_wait_s)
 
     @contextlib.contextmanager
-    def _writing(self) -> Iterator[sqlalchemy.Connection]:
+    def _unwrapped(self) -> Iterator[sqlalchemy.Connection]:
         """A connection for one or two statements that need no transaction around them: on PostgreSQL in
-        autocommit (no BEGIN and COMMIT round trips; psycopg sets it on the client side), elsewhere in one."""
+        autocommit (no BEGIN and COMMIT round trips; psycopg sets it on the client side), elsewhere in one
+        (with pymysql and pysqlite, setting and resetting autocommit would cost more than it saves)."""
         with self.engine.connect() as conn:
             if conn.dialect.name == "postgresql":
                 conn.execution_options(isolation_level="AUTOCOMMIT")
@@ -642,12 +643,8 @@ class TunerStorage(RDBStorage):
             params["above"] = min(included) - 1 if many else greater_than
         if mode == "ids":
             params["ids"] = sorted(included)
-        with self.engine.connect() as conn:
-            if conn.dialect.name == "postgresql":
-                # One statement sees one snapshot: no BEGIN and ROLLBACK round trips (psycopg sets autocommit on
-                # the client side; with pymysql and pysqlite setting and resetting it would cost more than it saves)
-                conn.execution_options(isolation_level="AUTOCOMMIT")
-            rows = conn.execute(self._trials_statement(states is not None, mode), params).all()
+        with self._unwrapped() as conn:  # one statement sees one snapshot
+            rows = conn.execute(_trials_and_related(states is not None, mode), params).all()
             if not rows:
                 studies = models.StudyModel.__table__
                 if conn.execute(sqlalchemy.select(studies.c.study_id).where(studies.c.study_id == study_id)).first():
@@ -658,13 +655,8 @@ class TunerStorage(RDBStorage):
             rows = [r for r in rows if r.trial_id in keep]
         return _frozen_trials(rows)
 
-    @functools.cache  # noqa: B019 (one entry per shape, eight at most, for the storage's life)
-    def _trials_statement(self, with_states: bool, mode: str) -> sqlalchemy.Select:
-        """`_read_trials`'s statement for one shape of its arguments, built once: SQLAlchemy then finds its
-        compiled form by identity, and building a union of six selects costs about 1 ms each time."""
-        return _trials_and_related(with_states, mode)
 
-
+@functools.cache  # built once per shape (eight at most): building a union of six selects costs about 1 ms
 def _trials_and_related(with_states: bool, mode: str) -> sqlalchemy.Select:
     """One statement (so one snapshot) for a study's trials and everything Optuna keeps beside them: rows
     (kind, trial_id, key, number, value, text, start, complete), ordered by kind and the order the database
