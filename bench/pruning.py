@@ -63,6 +63,8 @@ name = "tpe"
 EXPERIMENTS = {
     "successive-halving-rf4": {"cls": "SuccessiveHalvingPruner", "min_resource": 1, "reduction_factor": 4},
     "successive-halving-min2": {"cls": "SuccessiveHalvingPruner", "min_resource": 2, "reduction_factor": 3},
+    "successive-halving-rf2": {"cls": "SuccessiveHalvingPruner", "min_resource": 1, "reduction_factor": 2},
+    "median": {"cls": "MedianPruner", "n_startup_trials": 5, "n_warmup_steps": 0},
 }
 
 
@@ -118,6 +120,10 @@ def summarize(url: str, name: str, pruner: str, *, epochs: int, wall: float | No
         "best_val_accuracy": best,
         "best_params": best_params,
         "curve": curve,
+        # each trial's validation accuracy per epoch, to replay other pruners on an unpruned run's curves
+        "trial_curves": [{"number": t.number, "state": t.state.name.lower(), "params": t.params,
+                          "values": [t.intermediate_values[k] for k in sorted(t.intermediate_values)]}
+                         for t in finished],  # fmt: skip
     }
 
 
