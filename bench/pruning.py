@@ -120,11 +120,14 @@ def summarize(url: str, name: str, pruner: str, *, epochs: int, wall: float | No
         "best_val_accuracy": best,
         "best_params": best_params,
         "curve": curve,
-        # each trial's validation accuracy per epoch, to replay other pruners on an unpruned run's curves
-        "trial_curves": [{"number": t.number, "state": t.state.name.lower(), "params": t.params,
-                          "values": [t.intermediate_values[k] for k in sorted(t.intermediate_values)]}
-                         for t in finished],  # fmt: skip
+        "trial_curves": [_trial_curve(t) for t in finished],
     }
+
+
+def _trial_curve(trial) -> dict:
+    """A trial's validation accuracy per epoch, to replay other pruners on an unpruned run's curves."""
+    values = [trial.intermediate_values[k] for k in sorted(trial.intermediate_values)]
+    return {"number": trial.number, "state": trial.state.name.lower(), "params": trial.params, "values": values}
 
 
 def plot(runs: list[dict], path: Path, seed: int = 0) -> None:
