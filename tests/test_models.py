@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from tuner import data, models
 
@@ -55,35 +54,6 @@ def test_training_is_reproducible_and_reshuffles():
         {k: v for k, v in e.items() if k not in drop} for e in second
     ]
     assert all(e["val_accuracy"] is not None for e in first)
-
-
-def test_scores_match_keras_evaluate_without_tracing_a_test_step(monkeypatch):
-    splits = data.load(subset=600, validation=True)
-    model = models.build_model(models.ModelConfig(cell="LSTM", units=8), seed=1)
-    models.train(model, splits, batch_size=64, epochs=1, seed=1, evaluate_test=False)
-    monkeypatch.setattr(models, "EVAL_CHUNK", 3_000)  # 10,000 test images: four passes, the last partial
-    loss, accuracy = models.scores(model, splits.x_test, splits.y_test)
-    assert model.test_function is None  # nothing traced: neither validation nor scoring went through evaluate
-    keras_figures = model.evaluate(splits.x_test, splits.y_test, batch_size=1024, verbose=0, return_dict=True)
-    assert accuracy == pytest.approx(keras_figures["accuracy"], abs=1e-6)
-    assert loss == pytest.approx(keras_figures["loss"], rel=1e-5)
-
-
-def test_validation_figures_reach_the_callbacks_after_the_recorder():
-    import keras
-
-    splits = data.load(subset=600, validation=True)
-    seen = []
-
-    class Watch(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            seen.append(logs["val_accuracy"])
-
-    model = models.build_model(models.ModelConfig(cell="GRU", units=16, learning_rate=0.01), seed=2)
-    result = models.train(model, splits, batch_size=64, epochs=2, seed=2, callbacks=[Watch()], evaluate_test=False)
-    assert seen == [e.val_accuracy for e in result.epochs]
-    assert seen[-1] == models.evaluate(model, splits.x_val, splits.y_val)
-    assert 0.3 < seen[-1] <= 1.0  # learned something: chance is 0.1
 
 
 def test_training_arrays_become_one_constant_kept_while_the_array_lives():

@@ -153,11 +153,9 @@ def train(
     keras.utils.set_random_seed(seed)  # dropout masks; the batches' order comes from `seed` in `batches`
     result = FitResult() if result is None else result
     n_train = len(splits.y_train)
-    # Validation runs in the recorder, on the model itself (the clean inputs, also when training adversarially).
-    validation = None if splits.x_val is None else (model, splits.x_val, splits.y_val)
-    recorder = _recorder_class()(result, batch_size=batch_size, n_train=n_train, stop=stop_on_divergence,
-                                 validation=validation)  # fmt: skip
+    recorder = _recorder_class()(result, batch_size=batch_size, n_train=n_train, stop=stop_on_divergence)
     data = batches(splits.x_train, splits.y_train, batch_size=batch_size, epochs=epochs, seed=seed)
+    validation = None if splits.x_val is None else batches(splits.x_val, splits.y_val, batch_size=VAL_BATCH)
     start = time.perf_counter()
     fitted = model
     if adversarial is not None and adversarial[1] > 0:
@@ -170,6 +168,7 @@ def train(
                 data,
                 epochs=epochs,
                 steps_per_epoch=math.ceil(n_train / batch_size),
+                validation_data=validation,
                 shuffle=False,  # `batches` shuffled already
                 verbose=0,
                 callbacks=[recorder, *callbacks],
@@ -178,32 +177,14 @@ def train(
         result.fit_seconds = time.perf_counter() - start
     if evaluate_test and not result.diverged:
         start = time.perf_counter()
-        result.test_loss, result.test_accuracy = scores(model, splits.x_test, splits.y_test)
+        scores = model.evaluate(batches(splits.x_test, splits.y_test, batch_size=VAL_BATCH), verbose=0,
+                                return_dict=True)  # fmt: skip
         result.eval_seconds = time.perf_counter() - start
+        result.test_loss, result.test_accuracy = float(scores["loss"]), float(scores["accuracy"])
     return result
 
 
-EVAL_CHUNK = 10_000  # images per forward pass when scoring: no weights change, so only speed and memory depend on it
-
-
-def scores(model, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """Mean loss and accuracy of `model` on (x, y): eager forward passes of EVAL_CHUNK images, nothing traced.
-
-    Keras's `evaluate` traces a test step for every new model, and a tuning worker builds a new model every
-    trial: on 10,000 test images (SimpleRNN-128) it took 0.33 s the first time and 0.11 s after, while one eager
-    pass takes 0.17 s. The loss is Keras's sparse categorical cross-entropy, the accuracy its argmax match, as
-    `evaluate` would report them (up to float rounding in the sums).
-    """
-    import keras
-
-    loss_sum, correct = 0.0, 0
-    for start in range(0, len(y), EVAL_CHUNK):
-        labels = y[start : start + EVAL_CHUNK]
-        probs = model(x[start : start + EVAL_CHUNK], training=False)
-        losses = keras.ops.convert_to_numpy(keras.losses.sparse_categorical_crossentropy(labels, probs))
-        loss_sum += float(np.sum(losses, dtype=np.float64))
-        correct += int(np.sum(np.argmax(keras.ops.convert_to_numpy(probs), axis=1) == labels))
-    return loss_sum / len(y), correct / len(y)
+VAL_BATCH = 1024  # validation and test batches: no weights change, so only speed depends on it
 
 
 def batches(x: np.ndarray, y: np.ndarray, *, batch_size: int, epochs: int = 1, seed: int | None = None):
@@ -212,7 +193,7 @@ def batches(x: np.ndarray, y: np.ndarray, *, batch_size: int, epochs: int = 1, s
     With `seed`, every epoch is a new permutation drawn by numpy's `default_rng(seed)`: the same batches
     every run, different ones every epoch. (Keras's own `fit(shuffle=True)` on arrays, under
     `keras.utils.set_random_seed`, draws one permutation and repeats it every epoch: tf.data restarts a seeded
-    random op with each new iterator.) Without `seed`, the arrays' order.
+    random op with each new iterator.) Without `seed`, the arrays' order (validation, test).
 
     One iterator serves all epochs, and tf.data's autotuning is off. Keras's array pipeline makes an iterator
     per epoch whose autotuning thread the previous one's destructor waits for: 1 to 4 s at the start of about
@@ -310,8 +291,8 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
 
 
 def evaluate(model, x: np.ndarray, y: np.ndarray) -> float:
-    """Accuracy of `model` on (x, y), computed as training computes test and validation accuracy."""
-    return scores(model, x, y)[1]
+    """Accuracy of `model` on (x, y), read by metric name."""
+    return float(model.evaluate(batches(x, y, batch_size=VAL_BATCH), verbose=0, return_dict=True)["accuracy"])
 
 
 @functools.cache
@@ -322,10 +303,9 @@ def _recorder_class():
     class _Recorder(keras.callbacks.Callback):
         """Records each epoch: both train figures, validation figures, wall time; flags divergence."""
 
-        def __init__(self, result: FitResult, *, batch_size: int, n_train: int, stop: bool, validation=None) -> None:
+        def __init__(self, result: FitResult, *, batch_size: int, n_train: int, stop: bool) -> None:
             super().__init__()
             self.result, self.batch_size, self.n_train, self.stop = result, batch_size, n_train, stop
-            self.validation = validation  # (model, x, y): scored after every epoch, into the logs as val_*
 
         def on_epoch_begin(self, epoch, logs=None):
             self.t0 = time.perf_counter()
@@ -348,9 +328,6 @@ def _recorder_class():
             self.seen, self.correct = seen, correct
 
         def on_epoch_end(self, epoch, logs=None):
-            if self.validation is not None and logs is not None:
-                # the same dict goes on to the callbacks after this one (the pruner reads val_accuracy there)
-                logs["val_loss"], logs["val_accuracy"] = scores(*self.validation)
             figures = {k: float(v) for k, v in (logs or {}).items()}
             self.result.epochs.append(
                 EpochRecord(
