@@ -67,3 +67,30 @@ def test_training_arrays_become_one_constant_kept_while_the_array_lives():
     del x
     gc.collect()
     assert key not in models._CONSTANTS
+
+
+def _train_step_traces(model, splits, **fit) -> int:
+    """How many times fitting `model` traces its train step (Python runs `train_step` once per trace)."""
+    traced = []
+    step = model.train_step
+    model.train_step = lambda data: traced.append(1) or step(data)
+    models.train(model, splits, evaluate_test=False, **fit)
+    return len(traced)
+
+
+def test_the_train_step_is_traced_once_per_model():
+    import keras
+
+    splits = data.load(subset=300)
+    model = models.build_model(models.ModelConfig(cell="LSTM", units=4), seed=0)
+    assert _train_step_traces(model, splits, batch_size=64, epochs=2, seed=0) == 1
+    from tuner.adversarial import make_adversarial_model
+
+    adversarial = make_adversarial_model(models.build_model(models.ModelConfig(cell="GRU", units=4), seed=0), 0.1)
+    assert _train_step_traces(adversarial, splits, batch_size=64, epochs=1, seed=0) == 1
+    # what the build saves: the same model compiled without it is traced twice (Keras creates the optimizer's
+    # slots in the first trace, and TensorFlow traces again once variables were made)
+    keras.backend.clear_session()
+    plain = keras.Sequential([keras.Input((28, 28)), keras.layers.LSTM(4), keras.layers.Dense(10)])
+    plain.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    assert _train_step_traces(plain, splits, batch_size=64, epochs=2, seed=0) == 2

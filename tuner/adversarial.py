@@ -307,6 +307,9 @@ def make_adversarial_model(model, eps: float, share: float = 0.5):
         metrics=config.get("metrics"),
         weighted_metrics=config.get("weighted_metrics"),
     )
+    from tuner.models import build_training_state
+
+    build_training_state(wrapper, tuple(model.input_shape[1:]))  # the wrapper's metrics: one trace, not two
     return wrapper
 
 
