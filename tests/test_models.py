@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from tuner import data, models
@@ -94,3 +96,15 @@ def test_the_train_step_is_traced_once_per_model():
     plain = keras.Sequential([keras.Input((28, 28)), keras.layers.LSTM(4), keras.layers.Dense(10)])
     plain.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     assert _train_step_traces(plain, splits, batch_size=64, epochs=2, seed=0) == 2
+
+
+def test_a_worker_makes_its_data_constants_before_its_first_trial():
+    from tuner.objective import make_objective
+    from tuner.spec import parse
+
+    loaded = data.load(subset=300, validation=True)  # copied: arrays no other test has trained on
+    splits = data.Splits(*(a.copy() if isinstance(a, np.ndarray) else a for a in dataclasses.astuple(loaded)))
+    assert not any(id(a) in models._CONSTANTS for a in (splits.x_train, splits.x_test))
+    make_objective(parse({"study": {"kind": "grid"}, "grid": {"units": [8]}}), splits)
+    for array in (splits.x_train, splits.y_train, splits.x_val, splits.y_val, splits.x_test, splits.y_test):
+        assert id(array) in models._CONSTANTS

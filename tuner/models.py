@@ -254,6 +254,13 @@ def _constant(array: np.ndarray):
     return _CONSTANTS[key]
 
 
+def hold_constants(splits: Splits) -> None:
+    """Make the splits' constants now (a worker's set-up) rather than in its first trial."""
+    for array in (splits.x_train, splits.y_train, splits.x_val, splits.y_val, splits.x_test, splits.y_test):
+        if array is not None:
+            _constant(array)
+
+
 @contextlib.contextmanager
 def forget_traced_gradients():
     """Drop the gradient functions that tracing a train step registered globally, once the step is traced.

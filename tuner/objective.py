@@ -51,6 +51,7 @@ def make_objective(spec: StudySpec, splits: Splits, *, on_epoch: Callable | None
     With an artifact store, a trial among the study's five best so far saves its model there.
     """
     models.limit_malloc_arenas()  # a worker's memory stays flat over many trials
+    models.hold_constants(splits)  # the data enters TensorFlow once per worker, not once per trial
     monitor = "val_accuracy" if splits.x_val is not None else "accuracy"
     fixed = {"epochs": spec.epochs, "seed": spec.seed, "monitor": monitor, "worker": worker_id(),
              "versions": versions(), **splits.describe()}  # fmt: skip
