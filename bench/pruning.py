@@ -12,7 +12,8 @@ training images (1,000 held out: one image is 0.1 points of accuracy). Every run
 that all see the same machine load. Figures: epochs trained (the trials' own `epochs_run`), wall time, best
 validation accuracy. The picture (bench/pruning.png) is the best validation accuracy so far against epochs spent.
 `--trials N` sets the trials per run (100 by default), `--subset N` the training images, `--seed N` the search's
-seed (the same for both runs).
+seed (the same for both runs). `--baseline FILE` takes the unpruned run from an earlier result of the same
+seed instead of running it again (its epochs and best do not depend on the machine's speed; its wall time does).
 """
 
 from __future__ import annotations
@@ -162,6 +163,9 @@ def main() -> None:
         help="pruners to compare with none, comma-separated (default: tuner search's default)",
     )
     p.add_argument("--seed", type=int, default=0, help="the search's seed, the same for both runs (default 0)")
+    p.add_argument("--baseline", metavar="JSON",
+                   help="take the unpruned run from this earlier result of the same seed and size instead of "
+                        "running it again")  # fmt: skip
     p.add_argument("--run", help=argparse_hidden())
     p.add_argument("--from-dbs", nargs=2, metavar=("HYPERBAND_DB", "NONE_DB"),
                    help="summarise two runs that were cut short, over the trials both finished")  # fmt: skip
@@ -193,7 +197,8 @@ def main() -> None:
         # Both runs side by side, in two processes: they share the machine's load alike, and the pair takes
         # the time of the slower one.
         procs = {}
-        for pruner in [*args.pruners.split(","), "none"]:
+        baseline = _baseline(args.baseline, size) if args.baseline else None
+        for pruner in [*args.pruners.split(","), *([] if baseline else ["none"])]:
             folder = Path(tmp) / pruner
             folder.mkdir()
             cmd = [sys.executable, __file__, "--run", json.dumps([pruner, str(folder)])]
@@ -212,7 +217,17 @@ def main() -> None:
             if proc.returncode or not lines:
                 raise SystemExit(f"the {pruner} run failed (exit {proc.returncode})")
             runs.append(json.loads(lines[-1]))
-    report(runs, size, machine, args)
+    report([*runs, baseline] if baseline else runs, size, machine, args)
+
+
+def _baseline(path: str, size: dict) -> dict:
+    """The unpruned run of an earlier result file (or a single run's JSON), checked to be the same search."""
+    saved = json.loads(Path(path).read_text())
+    run = next((r for r in saved.get("runs", []) if r["pruner"] == "none"), saved)
+    summary = saved.get("summary", {})
+    if run.get("pruner") != "none" or run["trials"] != size["trials"] or summary.get("seed", 0) != size["seed"]:
+        raise SystemExit(f"{path}: no unpruned run of {size['trials']} trials with seed {size['seed']}")
+    return run
 
 
 def report(runs: list[dict], size: dict, machine: dict, args) -> None:
@@ -223,10 +238,12 @@ def report(runs: list[dict], size: dict, machine: dict, args) -> None:
     summaries = []
     for pruned in pruned_runs:
         saved = 1 - pruned["epochs_spent"] / full["epochs_spent"]
-        wall_saved = 1 - pruned["wall_s"] / full["wall_s"]
+        # an unpruned run taken from an earlier result ran on another day's machine: its wall time is not compared
+        wall_saved = None if getattr(args, "baseline", None) else 1 - pruned["wall_s"] / full["wall_s"]
+        walls = "not compared" if wall_saved is None else f"{100 * wall_saved:.1f}%"
         gap = 100 * (full["best_val_accuracy"] - pruned["best_val_accuracy"])
         print(f"{pruned['pruner']}: epochs saved {100 * saved:.1f}% (goal >= 60%), wall time saved "
-              f"{100 * wall_saved:.1f}%, best {gap:+.2f} points behind the unpruned search (goal <= 0.2)")  # fmt: skip
+              f"{walls}, best {gap:+.2f} points behind the unpruned search (goal <= 0.2)")  # fmt: skip
         summaries.append({"pruner": pruned["pruner"], "epochs_saved": saved, "wall_saved": wall_saved,
                           "best_gap_points": gap, **size})  # fmt: skip
     benchlib.write_json(args.json, {"machine": machine, "summary": summaries[0], "summaries": summaries,

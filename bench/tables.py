@@ -63,8 +63,9 @@ def pruning(d: dict) -> str:
                    f"| {r['wall_s']:.0f} | {100 * r['best_val_accuracy']:.2f}% |")  # fmt: skip
     out.append("")
     for s in d.get("summaries", [d["summary"]]):
+        walls = "not compared" if s["wall_saved"] is None else f"{100 * s['wall_saved']:.1f}%"
         out.append(f"{s.get('pruner', 'hyperband')}: epochs saved {100 * s['epochs_saved']:.1f}%, wall time saved "
-                   f"{100 * s['wall_saved']:.1f}%, best {s['best_gap_points']:+.2f} points behind the unpruned "
+                   f"{walls}, best {s['best_gap_points']:+.2f} points behind the unpruned "
                    "search.  ")  # fmt: skip
     return "\n".join(out)
 

@@ -38,7 +38,7 @@ def test_grid_trains_every_cell_once_and_report_rebuilds_from_the_database(run, 
         assert t.value == pytest.approx(t.user_attrs["test_accuracy"])
         assert t.user_attrs["n_train"] == 300 and t.user_attrs["n_test"] == 10000
         assert set(t.user_attrs["versions"]) >= {"optuna", "tensorflow", "keras"}
-        assert t.intermediate_values == {0: pytest.approx(epoch["accuracy"])}
+        assert t.intermediate_values == {1: pytest.approx(epoch["accuracy"])}  # step = epochs trained
 
     tiny_grid.unlink()  # the report needs the database only
     report = run("report", "tiny-epochs1-subset300", "--storage", db, "--format", "json")

@@ -21,7 +21,7 @@ kind = "search"
 description = "tiny test search"
 
 [training]
-epochs = 3
+epochs = 4
 
 [search.learning_rate]
 choices = [0.003, 0.01, 4.0, 8.0]
@@ -56,7 +56,7 @@ def test_search_prunes_hopeless_trials_and_selects_on_validation(run, space, db,
     pruned = [t for t in trials if t.state == TrialState.PRUNED]
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     assert pruned and complete
-    assert all(t.user_attrs["epochs_run"] < 3 for t in pruned)
+    assert all(t.user_attrs["epochs_run"] < 4 for t in pruned)
     assert all(len(t.intermediate_values) == t.user_attrs["epochs_run"] for t in trials)
     for t in complete:  # the value is the last epoch's validation accuracy, not the test accuracy
         assert t.value == pytest.approx(t.user_attrs["history"][-1]["val_accuracy"])
@@ -79,7 +79,7 @@ def test_search_prunes_hopeless_trials_and_selects_on_validation(run, space, db,
     report = run("report", "s", "--storage", db, "--format", "json")
     summary = json.loads(report.output)
     assert summary["trials"]["pruned"] == sum(t.state == TrialState.PRUNED for t in study(db, "s").trials)
-    assert summary["epochs_run"] < summary["epochs_if_unpruned"] == 12 * 3
+    assert summary["epochs_run"] < summary["epochs_if_unpruned"] == 12 * 4
     text = run("report", "s", "--storage", db, "--plots", tmp_path / "plots").output
     assert "never used to choose" in text
     for name in ("history", "importances", "intermediate_values", "parallel_coordinates"):
@@ -216,3 +216,39 @@ def test_bad_search_options(run, space, db):
     with pytest.raises(KeyError):
         study(db, "never")
     assert_one_line_error(run("best", "ghost", "--storage", db), "no study named 'ghost'")
+
+
+def test_pruning_steps_count_epochs_trained_so_the_first_rung_follows_the_first_epoch():
+    from tuner.objective import _EpochPruning
+
+    study = optuna.create_study(
+        direction="maximize", pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+    )
+    good = study.ask()
+    for epoch, accuracy in enumerate([0.8, 0.9, 0.95]):  # Keras numbers epochs from 0
+        _EpochPruning(good, "val_accuracy").on_epoch_end(epoch, {"val_accuracy": accuracy})
+    study.tell(good, 0.95)
+    assert study.trials[0].intermediate_values == {1: 0.8, 2: 0.9, 3: 0.95}
+    worse = study.ask()
+    with pytest.raises(optuna.TrialPruned):  # compared at the rung of 1 epoch: after its first epoch, not second
+        _EpochPruning(worse, "val_accuracy").on_epoch_end(0, {"val_accuracy": 0.3})
+
+
+def test_a_trial_is_not_pruned_after_its_last_epoch():
+    from tuner.objective import _EpochPruning
+
+    study = optuna.create_study(
+        direction="maximize", pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+    )
+    good = study.ask()
+    good.report(0.9, step=1)
+    good.should_prune()
+    study.tell(good, 0.9)
+    last = study.ask()
+    callback = _EpochPruning(last, "val_accuracy")
+    callback.set_params({"epochs": 1})
+    callback.on_epoch_end(0, {"val_accuracy": 0.3})  # worse at the rung, but trained already: not pruned
+    assert study.trials[1].intermediate_values == {1: 0.3}
+    callback.set_params({"epochs": 2})
+    with pytest.raises(optuna.TrialPruned):  # the same at the rung with an epoch still to run
+        callback.on_epoch_end(0, {"val_accuracy": 0.3})

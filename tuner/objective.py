@@ -67,7 +67,7 @@ def make_objective(spec: StudySpec, splits: Splits, *, on_epoch: Callable | None
         trial.set_user_attr("model", {**config.__dict__, "batch_size": batch_size})
         model = models.build_model(config, seed=spec.seed)
         # Optuna prunes single-objective studies only; the robust search runs every trial to its last epoch.
-        callbacks = [] if robust else [KerasPruningCallback(trial, monitor)]
+        callbacks = [] if robust else [_EpochPruning(trial, monitor)]
         if on_epoch is not None:
             callbacks.append(_EpochHook(trial.number, params, spec.epochs, on_epoch))
         result = models.FitResult()
@@ -125,6 +125,27 @@ def _beats_best(trial: optuna.Trial, value: float | tuple) -> bool:
     if isinstance(value, tuple):
         return not any(all(a >= b for a, b in zip(t.values, value)) and tuple(t.values) != value for t in done)
     return sum(t.value > value for t in done) < KEEP_MODELS
+
+
+class _EpochPruning(KerasPruningCallback):
+    """Optuna's Keras pruning callback, with the number of epochs trained (1, 2, ...) as the step, and no pruning
+    after the last epoch.
+
+    Keras numbers epochs from 0, so Optuna's callback reports the first epoch as step 0, and successive halving's
+    `min_resource=1` then first compares trials after their second epoch. Counted in epochs trained, the rungs
+    fall after epochs 1, 3 and 9 (reduction factor 3), as the pruners' papers count resources. A trial at its
+    last epoch is only reported: pruning it then would save nothing and lose its result.
+    """
+
+    def __init__(self, trial: optuna.Trial, monitor: str) -> None:
+        super().__init__(trial, monitor)
+        self.trial, self.monitor = trial, monitor
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 < (self.params or {}).get("epochs", epoch + 2):
+            super().on_epoch_end(epoch + 1, logs)  # interval is 1: every epoch is checked
+        elif (value := (logs or {}).get(self.monitor)) is not None:
+            self.trial.report(float(value), step=epoch + 1)
 
 
 class _EpochHook(keras.callbacks.Callback):
