@@ -141,7 +141,8 @@ def plot(runs: list[dict], path: Path, seed: int = 0) -> None:
     for r in runs:
         xs = [x for x, y in r["curve"] if y is not None]
         ys = [100 * y for x, y in r["curve"] if y is not None]
-        ax.step(xs, ys, where="post", label=f"pruner {r['pruner']}: {r['epochs_spent']} epochs, {r['wall_s']:.0f}s")
+        wall = f"{r['wall_s']:.0f}s" + (" in an earlier run" if r.get("baseline") else "")
+        ax.step(xs, ys, where="post", label=f"pruner {r['pruner']}: {r['epochs_spent']} epochs, {wall}")
     ax.set_xlabel("epochs spent (all trials)")
     ax.set_ylabel("best validation accuracy so far (%)")
     ax.set_title(f"tuner search, {runs[0]['trials']} trials, TPE seed {seed}")
@@ -227,7 +228,7 @@ def _baseline(path: str, size: dict) -> dict:
     summary = saved.get("summary", {})
     if run.get("pruner") != "none" or run["trials"] != size["trials"] or summary.get("seed", 0) != size["seed"]:
         raise SystemExit(f"{path}: no unpruned run of {size['trials']} trials with seed {size['seed']}")
-    return run
+    return {**run, "baseline": path}
 
 
 def report(runs: list[dict], size: dict, machine: dict, args) -> None:

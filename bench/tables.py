@@ -124,12 +124,18 @@ def storage(d: dict) -> str:
     return "\n".join(out)
 
 
+# pruning results: this round's default (steps counted in epochs trained), the median pruner, then the earlier
+# default (Keras's 0-based epoch index as the step) and its experiments
+PRUNING = ("pruning_epochs_seed0", "pruning_epochs_seed1", "pruning_epochs_seed2", "pruning_median_seed0",
+           "pruning_median_seed1", "pruning_median_seed2", "pruning", "pruning_seed1", "pruning_seed2",
+           "pruning_rf4_seed0", "pruning_rf4_seed1")  # fmt: skip
+
+
 def machine(folder: Path) -> str:
     out = ["| benchmark | CPU | cores | memory GiB | TensorFlow | Keras | Optuna | load average (1 min) at start |",
            "|---|---|---:|---:|---|---|---|---:|"]  # fmt: skip
-    names = ("train_speed.machine", "train_speed_fused.machine", "trial_overhead", "pruning", "pruning_seed1",
-             "pruning_seed2", "pruning_rf4_seed0", "pruning_rf4_seed1", "vs_kerastuner", "storage",
-             "storage_workers")  # fmt: skip
+    names = ("train_speed.machine", "train_speed_fused.machine", "trial_overhead", *PRUNING, "vs_kerastuner",
+             "storage", "storage_workers")  # fmt: skip
     for name in names:
         d = _load(folder, name)
         if d is None:
@@ -145,10 +151,8 @@ def main() -> None:
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).with_name("results"))
     print(f"### machine\n\n{machine(folder)}\n")
     for name, fn in (("train_speed", train_speed), ("train_speed_xla_full", train_speed),
-                     ("train_speed_fused", train_speed), ("trial_overhead", trial_overhead), ("pruning", pruning),
-                     ("pruning_seed1", pruning), ("pruning_seed2", pruning), ("pruning_rf4_seed0", pruning),
-                     ("pruning_rf4_seed1", pruning),
-                     ("vs_kerastuner", vs_kerastuner), ("storage", storage),
+                     ("train_speed_fused", train_speed), ("trial_overhead", trial_overhead),
+                     *((name, pruning) for name in PRUNING), ("vs_kerastuner", vs_kerastuner), ("storage", storage),
                      ("storage_workers", storage)):  # fmt: skip
         d = _load(folder, name)
         if d is not None:

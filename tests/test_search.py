@@ -252,3 +252,21 @@ def test_a_trial_is_not_pruned_after_its_last_epoch():
     callback.set_params({"epochs": 2})
     with pytest.raises(optuna.TrialPruned):  # the same at the rung with an epoch still to run
         callback.on_epoch_end(0, {"val_accuracy": 0.3})
+
+
+def test_the_default_search_pruner_compares_a_trial_after_its_first_epoch():
+    from tuner.objective import _EpochPruning
+    from tuner.spec import parse
+    from tuner.study import make_pruner
+
+    spec = parse({"study": {"kind": "search"}, "search": {"units": {"choices": [8]}}})
+    study = optuna.create_study(direction="maximize", pruner=make_pruner(spec))
+    assert isinstance(study.pruner, optuna.pruners.MedianPruner)
+    for accuracy in (0.6, 0.7, 0.8, 0.9, 0.95):  # five finished trials before any pruning
+        trial = study.ask()
+        _EpochPruning(trial, "val_accuracy").on_epoch_end(0, {"val_accuracy": accuracy})
+        study.tell(trial, accuracy)
+    above, below = study.ask(), study.ask()
+    _EpochPruning(above, "val_accuracy").on_epoch_end(0, {"val_accuracy": 0.85})  # above the median: goes on
+    with pytest.raises(optuna.TrialPruned):
+        _EpochPruning(below, "val_accuracy").on_epoch_end(0, {"val_accuracy": 0.75})

@@ -158,7 +158,9 @@ def artifacts_option(f):
 @click.option(
     "--pruner",
     type=click.Choice(["hyperband", "successive-halving", "median", "none"]),
-    help="Stops hopeless trials on per-epoch validation accuracy. Default: the study file's, else successive-halving.",
+    help="Stops hopeless trials on per-epoch validation accuracy. median (the default unless the study file names "
+    "one): after any epoch, a trial below the median of the earlier trials at that epoch stops, once 5 trials "
+    "have finished. successive-halving: after epochs 1, 3 and 9, a trial outside the best third stops.",
 )
 @click.option(
     "--from",
