@@ -65,7 +65,8 @@ EXPERIMENTS = {
     "successive-halving-rf4": {"cls": "SuccessiveHalvingPruner", "min_resource": 1, "reduction_factor": 4},
     "successive-halving-min2": {"cls": "SuccessiveHalvingPruner", "min_resource": 2, "reduction_factor": 3},
     "successive-halving-rf2": {"cls": "SuccessiveHalvingPruner", "min_resource": 1, "reduction_factor": 2},
-    "median": {"cls": "MedianPruner", "n_startup_trials": 5, "n_warmup_steps": 0},
+    # keeps the top third of the trials at each epoch (the median pruner keeps the top half)
+    "percentile-33": {"cls": "PercentilePruner", "percentile": 33.0, "n_startup_trials": 5, "n_warmup_steps": 1},
 }
 
 
