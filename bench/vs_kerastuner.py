@@ -38,7 +38,9 @@ from pathlib import Path
 
 import benchlib
 
-from tuner.spec import DEFAULT_SEARCH_PRUNER as PRUNER  # tuner search's default pruner
+from tuner.spec import DEFAULT_SEARCH_PRUNER
+
+PRUNER = DEFAULT_SEARCH_PRUNER  # tuner search's pruner: its default unless --pruner says otherwise
 
 SPACE = """
 [study]
@@ -239,7 +241,10 @@ def main() -> None:
     p.add_argument("--plot", default=str(Path(__file__).with_name("vs_kerastuner.png")), help="PNG to write")
     p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (default 5)")
     p.add_argument("--from-json", metavar="PATH", help="finish a run that was cut short, from its partial JSON")
+    p.add_argument("--pruner", help=f"tuner search's pruner (default: its default, {DEFAULT_SEARCH_PRUNER})")
     args = p.parse_args()
+    global PRUNER
+    PRUNER = args.pruner or DEFAULT_SEARCH_PRUNER
     if args.from_json:
         partial = json.loads(Path(args.from_json).read_text())
         defaults = {"budget_epochs": 70, "max_epochs": 9, "subset": 1_000}  # a partial file written before the meta
