@@ -265,12 +265,9 @@ def test_the_default_search_pruner_compares_a_trial_after_its_first_epoch():
 
     spec = parse({"study": {"kind": "search"}, "search": {"units": {"choices": [8]}}})
     study = optuna.create_study(direction="maximize", pruner=make_pruner(spec))
-    assert isinstance(study.pruner, optuna.pruners.MedianPruner)
-    for accuracy in (0.6, 0.7, 0.8, 0.9, 0.95):  # five finished trials before any pruning
-        trial = study.ask()
-        _EpochPruning(trial, "val_accuracy").on_epoch_end(0, {"val_accuracy": accuracy})
-        study.tell(trial, accuracy)
-    above, below = study.ask(), study.ask()
-    _EpochPruning(above, "val_accuracy").on_epoch_end(0, {"val_accuracy": 0.85})  # above the median: goes on
-    with pytest.raises(optuna.TrialPruned):
-        _EpochPruning(below, "val_accuracy").on_epoch_end(0, {"val_accuracy": 0.75})
+    assert isinstance(study.pruner, optuna.pruners.SuccessiveHalvingPruner)
+    first = study.ask()
+    _EpochPruning(first, "val_accuracy").on_epoch_end(0, {"val_accuracy": 0.9})
+    worse = study.ask()
+    with pytest.raises(optuna.TrialPruned):  # the first rung is one epoch trained
+        _EpochPruning(worse, "val_accuracy").on_epoch_end(0, {"val_accuracy": 0.5})

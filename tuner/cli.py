@@ -158,9 +158,9 @@ def artifacts_option(f):
 @click.option(
     "--pruner",
     type=click.Choice(["hyperband", "successive-halving", "median", "none"]),
-    help="Stops hopeless trials on per-epoch validation accuracy. median (the default unless the study file names "
-    "one): after any epoch, a trial below the median of the earlier trials at that epoch stops, once 5 trials "
-    "have finished. successive-halving: after epochs 1, 3 and 9, a trial outside the best third stops.",
+    help="Stops hopeless trials on per-epoch validation accuracy. successive-halving (the default unless the study "
+    "file names one): after epochs 1, 3 and 9, a trial outside the best third of the trials there stops. median: "
+    "after any epoch, a trial below the median of the earlier trials at that epoch stops, once 5 have finished.",
 )
 @click.option(
     "--from",
