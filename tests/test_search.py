@@ -253,9 +253,10 @@ def test_a_trial_is_not_pruned_after_its_last_epoch():
     callback.set_params({"epochs": 1})
     callback.on_epoch_end(0, {"val_accuracy": 0.3})  # worse at the rung, but trained already: not pruned
     assert study.trials[1].intermediate_values == {1: 0.3}
-    callback.set_params({"epochs": 2})
+    another = _EpochPruning(study.ask(), "val_accuracy")
+    another.set_params({"epochs": 2})
     with pytest.raises(optuna.TrialPruned):  # the same at the rung with an epoch still to run
-        callback.on_epoch_end(0, {"val_accuracy": 0.3})
+        another.on_epoch_end(0, {"val_accuracy": 0.3})
 
 
 def test_the_default_search_pruner_compares_a_trial_after_its_first_epoch():
