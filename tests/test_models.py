@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -108,3 +109,15 @@ def test_a_worker_makes_its_data_constants_before_its_first_trial():
     make_objective(parse({"study": {"kind": "grid"}, "grid": {"units": [8]}}), splits)
     for array in (splits.x_train, splits.y_train, splits.x_val, splits.y_val, splits.x_test, splits.y_test):
         assert id(array) in models._CONSTANTS
+
+
+def test_a_keras_whose_private_build_differs_still_trains(monkeypatch):
+    import keras
+
+    def other_signature(self, iterator):  # what a later Keras might take instead
+        raise AssertionError("not reached: the call with data_batch fails first")
+
+    monkeypatch.setattr(keras.Model, "_symbolic_build", other_signature, raising=False)
+    model = models.build_model(models.ModelConfig(cell="SimpleRNN", units=4), seed=0)
+    result = models.train(model, data.load(subset=300), batch_size=64, epochs=1, seed=0, evaluate_test=False)
+    assert len(result.epochs) == 1 and math.isfinite(result.epochs[0].loss)

@@ -123,8 +123,12 @@ def build_training_state(model, input_shape: tuple[int, ...] = (28, 28)) -> None
     itself under a distribution strategy (`_symbolic_build`, on shapes only: no arithmetic, no state change).
     """
     build = getattr(model, "_symbolic_build", None)
-    if build is not None:  # a Keras without it traces twice, as before
+    if build is None:  # a Keras without it traces twice, as before
+        return
+    try:
         build(data_batch=(np.zeros((1, *input_shape), np.float32), np.zeros((1,), np.int32), None))
+    except (TypeError, ValueError):  # a Keras whose private build takes other arguments: fit builds, tracing twice
+        pass
 
 
 def _optimizer(config: ModelConfig):
