@@ -128,7 +128,8 @@ def storage(d: dict) -> str:
 # default (Keras's 0-based epoch index as the step) and its experiments
 PRUNING = ("pruning_epochs_seed0", "pruning_epochs_seed1", "pruning_epochs_seed2", "pruning_median_seed0",
            "pruning_median_seed1", "pruning_median_seed2", "pruning_percentile33_seed0", "pruning_percentile33_seed1",
-           "pruning_percentile33_seed2", "pruning", "pruning_seed1", "pruning_seed2",
+           "pruning_percentile33_seed2", "pruning_rf2_epochs_seed0", "pruning_rf2_epochs_seed1",
+           "pruning_rf2_epochs_seed2", "pruning", "pruning_seed1", "pruning_seed2",
            "pruning_rf4_seed0", "pruning_rf4_seed1")  # fmt: skip
 
 
