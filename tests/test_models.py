@@ -121,3 +121,80 @@ def test_a_keras_whose_private_build_differs_still_trains(monkeypatch):
     model = models.build_model(models.ModelConfig(cell="SimpleRNN", units=4), seed=0)
     result = models.train(model, data.load(subset=300), batch_size=64, epochs=1, seed=0, evaluate_test=False)
     assert len(result.epochs) == 1 and math.isfinite(result.epochs[0].loss)
+
+
+def _count_steps(model) -> dict:
+    """Count the traces of `model`'s train and test steps from now on (Python runs a step once per trace)."""
+    traces = {"train": 0, "test": 0}
+    for kind in traces:
+        step = getattr(model, f"{kind}_step")
+
+        def counted(data, kind=kind, step=step):
+            traces[kind] += 1
+            return step(data)
+
+        setattr(model, f"{kind}_step", counted)
+    return traces
+
+
+def _figures(result: models.FitResult) -> list:
+    return [[v for k, v in e.items() if k != "seconds"] for e in result.history()] + [result.test_accuracy]
+
+
+def test_a_kept_model_trains_exactly_as_a_fresh_one_without_tracing_again():
+    splits = data.load(subset=600, validation=True)
+    # dropout: the kept layer's seed state is reset too; nadam: an optimizer variable that starts at 1, not 0
+    config = models.ModelConfig(cell="LSTM", units=8, dropout=0.2, optimizer="nadam", learning_rate=0.003)
+    cache = models.ModelCache()
+    with cache.model(config, seed=3) as first:
+        traces = _count_steps(first)
+        models.train(first, splits, batch_size=64, epochs=2, seed=3)
+    with cache.model(models.ModelConfig(cell="GRU", units=4), seed=3) as other:  # another architecture between
+        assert other is not first
+    later = dataclasses.replace(config, learning_rate=0.02)
+    with cache.model(later, seed=3) as kept:
+        assert kept is first
+        reused = models.train(kept, splits, batch_size=32, epochs=2, seed=3)  # another batch size too
+    assert traces == {"train": 1, "test": 1}, "the kept model's steps were traced again"
+    fresh = models.train(models.build_model(later, seed=3), splits, batch_size=32, epochs=2, seed=3)
+    assert _figures(reused) == _figures(fresh)
+    assert float(first.optimizer.learning_rate.numpy()) == np.float32(0.02)
+    assert (cache.hits, cache.misses) == (1, 2)
+
+
+def test_the_cache_keeps_its_most_recent_architectures_and_lends_a_model_once():
+    cache = models.ModelCache(size=2)
+    a, b, c = (models.ModelConfig(units=units) for units in (2, 3, 4))
+    with cache.model(a, seed=0) as model_a:
+        with cache.model(a, seed=0) as busy:  # in use by a trial: another is built
+            assert busy is not model_a
+    with cache.model(b, seed=0), cache.model(a, seed=0) as again:
+        assert again is model_a
+    with cache.model(a, seed=1) as other_seed:  # the initial weights differ: built, not reset
+        assert other_seed is not model_a
+    with cache.model(c, seed=0):
+        pass
+    assert models.architecture(a) + (0,) not in cache._kept  # the least recently used went first
+    with cache.model(a, seed=0) as rebuilt:
+        assert rebuilt is not model_a
+    assert len(cache._kept) == 2
+
+
+def test_a_worker_scores_a_trial_on_a_kept_model_as_on_a_fresh_one(monkeypatch):
+    import optuna
+
+    from tuner.objective import make_objective
+    from tuner.spec import parse
+
+    spec = parse({"study": {"kind": "grid"}, "model": {"units": 4}, "training": {"epochs": 1},
+                  "grid": {"learning_rate": [0.01, 0.001]}})  # fmt: skip
+    splits = data.load(subset=300)
+    built = []
+    build = models.build_model
+    monkeypatch.setattr(models, "build_model", lambda *a, **k: built.append(1) or build(*a, **k))
+    worker = make_objective(spec, splits)
+    worker(optuna.trial.FixedTrial({"learning_rate": 0.01}))
+    second = worker(optuna.trial.FixedTrial({"learning_rate": 0.001}))
+    assert len(built) == 1  # both trials trained the one model
+    alone = make_objective(spec, splits)(optuna.trial.FixedTrial({"learning_rate": 0.001}))
+    assert second == alone

@@ -48,7 +48,9 @@ def versions() -> dict:
 def make_objective(spec: StudySpec, splits: Splits, *, on_epoch: Callable | None = None, artifact_store=None):
     """The objective for `spec`, closing over data already in memory (never reloaded per trial).
 
-    With an artifact store, a trial among the study's five best so far saves its model there.
+    With an artifact store, a trial among the study's five best so far saves its model there. The worker keeps
+    the compiled models of its last few architectures (`models.ModelCache`): a trial that differs from an
+    earlier one only in learning rate or batch size trains the kept model, reset to its initial state.
     """
     models.limit_malloc_arenas()  # a worker's memory stays flat over many trials
     models.hold_constants(splits)  # the data enters TensorFlow once per worker, not once per trial
@@ -57,6 +59,7 @@ def make_objective(spec: StudySpec, splits: Splits, *, on_epoch: Callable | None
              "versions": versions(), **splits.describe()}  # fmt: skip
 
     robust = spec.objective == "robust"
+    kept = models.ModelCache()  # trials of one architecture reuse its traced train and test steps
 
     def objective(trial: optuna.Trial) -> float | tuple[float, float]:
         for key, value in fixed.items():
@@ -65,7 +68,10 @@ def make_objective(spec: StudySpec, splits: Splits, *, on_epoch: Callable | None
         config = spec.model_config(params)
         batch_size = int(params.get("batch_size", spec.batch_size))
         trial.set_user_attr("model", {**config.__dict__, "batch_size": batch_size})
-        model = models.build_model(config, seed=spec.seed)
+        with kept.model(config, seed=spec.seed) as model:  # a fresh model, or a kept one reset to match it
+            return train_and_score(trial, model, params, config, batch_size)
+
+    def train_and_score(trial, model, params: dict, config: models.ModelConfig, batch_size: int):
         # Optuna prunes single-objective studies only; the robust search runs every trial to its last epoch.
         callbacks = [] if robust else [_EpochPruning(trial, monitor)]
         if on_epoch is not None:
