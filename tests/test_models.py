@@ -72,6 +72,21 @@ def test_training_arrays_become_one_constant_kept_while_the_array_lives():
     assert key not in models._CONSTANTS
 
 
+def test_evaluation_batches_are_made_once_per_pair_of_arrays():
+    import gc
+
+    x = np.arange(7 * 4, dtype=np.float32).reshape(7, 2, 2)
+    y = np.arange(7, dtype=np.int32)
+    dataset = models.eval_batches(x, y)
+    assert models.eval_batches(x, y) is dataset  # every trial scores on the same pipeline
+    assert np.concatenate([b.numpy() for _, b in dataset]).tolist() == list(range(7))  # the arrays' order
+    assert np.concatenate([b.numpy() for _, b in dataset]).tolist() == list(range(7))  # and again
+    key = (id(x), id(y))
+    del x, dataset
+    gc.collect()
+    assert key not in models._EVAL_BATCHES
+
+
 def _train_step_traces(model, splits, **fit) -> int:
     """How many times fitting `model` traces its train step (Python runs `train_step` once per trace)."""
     traced = []

@@ -228,7 +228,7 @@ def train(
     n_train = len(splits.y_train)
     recorder = _recorder_class()(result, batch_size=batch_size, n_train=n_train, stop=stop_on_divergence)
     data = batches(splits.x_train, splits.y_train, batch_size=batch_size, epochs=epochs, seed=seed)
-    validation = None if splits.x_val is None else batches(splits.x_val, splits.y_val, batch_size=VAL_BATCH)
+    validation = None if splits.x_val is None else eval_batches(splits.x_val, splits.y_val)
     start = time.perf_counter()
     fitted = model
     if adversarial is not None and adversarial[1] > 0:
@@ -250,14 +250,29 @@ def train(
         result.fit_seconds = time.perf_counter() - start
     if evaluate_test and not result.diverged:
         start = time.perf_counter()
-        scores = model.evaluate(batches(splits.x_test, splits.y_test, batch_size=VAL_BATCH), verbose=0,
-                                return_dict=True)  # fmt: skip
+        scores = model.evaluate(eval_batches(splits.x_test, splits.y_test), verbose=0, return_dict=True)
         result.eval_seconds = time.perf_counter() - start
         result.test_loss, result.test_accuracy = float(scores["loss"]), float(scores["accuracy"])
     return result
 
 
-VAL_BATCH = 1024  # validation and test batches: no weights change, so only speed depends on it
+# Validation and test batches: no weights change, so only speed (and memory) depends on the size. Evaluating the
+# 10,000 test images took SimpleRNN-128 0.15 s in batches of 1,024 and 0.09 s in batches of 5,000 (GRU-128 0.40 and
+# 0.33 s, LSTM-128 0.44 s both); 10,000 was no faster.
+VAL_BATCH = 5000
+_EVAL_BATCHES: dict[tuple[int, int], object] = {}
+
+
+def eval_batches(x: np.ndarray, y: np.ndarray):
+    """`batches(x, y, batch_size=VAL_BATCH)`, made once per pair of arrays and kept while `x` lives.
+
+    Every trial of a worker scores the same validation and test arrays; building their pipeline took 0.02 s a call.
+    """
+    key = (id(x), id(y))
+    if key not in _EVAL_BATCHES:
+        _EVAL_BATCHES[key] = batches(x, y, batch_size=VAL_BATCH)
+        weakref.finalize(x, _EVAL_BATCHES.pop, key, None)
+    return _EVAL_BATCHES[key]
 
 
 def batches(x: np.ndarray, y: np.ndarray, *, batch_size: int, epochs: int = 1, seed: int | None = None):
@@ -372,7 +387,7 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
 
 def evaluate(model, x: np.ndarray, y: np.ndarray) -> float:
     """Accuracy of `model` on (x, y), read by metric name."""
-    return float(model.evaluate(batches(x, y, batch_size=VAL_BATCH), verbose=0, return_dict=True)["accuracy"])
+    return float(model.evaluate(eval_batches(x, y), verbose=0, return_dict=True)["accuracy"])
 
 
 @functools.cache
