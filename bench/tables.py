@@ -28,16 +28,33 @@ def train_speed(rows: list) -> str:
 
 
 def trial_overhead(d: dict) -> str:
-    out = ["| trial | wall s | epochs s | overhead | + first-epoch tracing | build+compile s | fit set-up s "
-           "| test eval s | other s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    out = ["| trial | learning rate | model | wall s | epochs s | overhead | + first-epoch tracing | build+compile s "
+           "| fit set-up s | test eval s | other s |",
+           "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in d["overhead"]:
-        out.append(f"| {r['config']} | {r['trial_wall_s']:.1f} | {r['training_s']:.1f} | "
+        trial = f"{r['trial']}: {r['config']}" if "trial" in r else r["config"]
+        kept = f"| {r['learning_rate']} | {r['model']} " if "model" in r else "| | "
+        out.append(f"| {trial} {kept}| {r['trial_wall_s']:.1f} | {r['training_s']:.1f} | "
                    f"{r['overhead_s']:.2f} s = {100 * r['overhead_share']:.1f}% | {r['first_epoch_tracing_s']:.2f} s "
                    f"-> {100 * r['overhead_share_strict']:.1f}% | {r['build_compile_s']:.2f} | {r['fit_setup_s']:.2f} "
                    f"| {r['test_evaluation_s']:.2f} | {r['other_s']:.2f} |")  # fmt: skip
     if d.get("memory"):
         out.append("")
         out.append(memory(d))
+    return "\n".join(out)
+
+
+def step_products(d: dict) -> str:
+    out = ["| configuration | dependent products | TensorFlow us each | GFLOP/s | numpy us each | GFLOP/s "
+           "| 2048x2048 GFLOP/s | share of the epoch's FLOPs | floor s | in the products s | bound s | bound / floor "
+           "| with numpy's chain s | / floor |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for r in d["rows"]:
+        out.append(f"| {r['config']} | {r['product']} | {r['tf_us_per_product']:.0f} | {r['tf_gflops']:.0f} "
+                   f"| {r['numpy_us_per_product']:.0f} | {r['numpy_gflops']:.0f} | {r['matmul_2048_gflops']:.0f} "
+                   f"| {100 * r['chain_share_of_flops']:.0f}% | {r['floor_s']:.2f} | {r['chain_s']:.2f} "
+                   f"| {r['bound_s']:.2f} | {r['bound_ratio']:.2f} | {r['bound_numpy_s']:.2f} "
+                   f"| {r['bound_numpy_ratio']:.2f} |")  # fmt: skip
     return "\n".join(out)
 
 
@@ -136,8 +153,8 @@ PRUNING = ("pruning_epochs_seed0", "pruning_epochs_seed1", "pruning_epochs_seed2
 def machine(folder: Path) -> str:
     out = ["| benchmark | CPU | cores | memory GiB | TensorFlow | Keras | Optuna | load average (1 min) at start |",
            "|---|---|---:|---:|---|---|---|---:|"]  # fmt: skip
-    names = ("train_speed.machine", "train_speed_fused.machine", "trial_overhead", *PRUNING, "vs_kerastuner",
-             "storage", "storage_workers")  # fmt: skip
+    names = ("train_speed.machine", "train_speed_fused.machine", "step_products", "trial_overhead", *PRUNING,
+             "vs_kerastuner", "storage", "storage_workers")  # fmt: skip
     for name in names:
         d = _load(folder, name)
         if d is None:
@@ -153,7 +170,8 @@ def main() -> None:
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).with_name("results"))
     print(f"### machine\n\n{machine(folder)}\n")
     for name, fn in (("train_speed", train_speed), ("train_speed_xla_full", train_speed),
-                     ("train_speed_fused", train_speed), ("trial_overhead", trial_overhead),
+                     ("train_speed_fused", train_speed), ("step_products", step_products),
+                     ("trial_overhead", trial_overhead),
                      *((name, pruning) for name in PRUNING), ("vs_kerastuner", vs_kerastuner), ("storage", storage),
                      ("storage_workers", storage)):  # fmt: skip
         d = _load(folder, name)
