@@ -177,6 +177,20 @@ def test_a_kept_model_trains_exactly_as_a_fresh_one_without_tracing_again():
     assert (cache.hits, cache.misses) == (1, 2)
 
 
+def test_adversarial_training_on_a_kept_model_matches_a_fresh_one():
+    splits = data.load(subset=300)
+    config = models.ModelConfig(cell="GRU", units=4, adv_eps=0.1, adv_share=0.5)
+    fit = {"batch_size": 64, "epochs": 1, "seed": 0, "adversarial": (0.1, 0.5)}
+    cache = models.ModelCache()
+    with cache.model(config, seed=0) as first:
+        models.train(first, splits, **fit)  # the wrapper shares the kept model's optimizer and its slots
+    later = dataclasses.replace(config, learning_rate=0.01)
+    with cache.model(later, seed=0) as kept:
+        assert kept is first
+        reused = models.train(kept, splits, **fit)
+    assert _figures(reused) == _figures(models.train(models.build_model(later, seed=0), splits, **fit))
+
+
 def test_the_cache_keeps_its_most_recent_architectures_and_lends_a_model_once():
     cache = models.ModelCache(size=2)
     a, b, c = (models.ModelConfig(units=units) for units in (2, 3, 4))
