@@ -26,9 +26,10 @@ MODEL_KEYS = tuple(f.name for f in dataclasses.fields(ModelConfig))
 PARAM_KEYS = (*MODEL_KEYS, "batch_size")
 SAMPLERS = ("grid", "tpe", "random", "gp", "cmaes")
 PRUNERS = ("hyperband", "successive-halving", "median", "none")
-# bench/pruning.py, 6,000 images, 100 trials, seeds 0 to 2, steps counted in epochs trained (BENCHMARKS.md):
-# successive halving (rungs after epochs 1, 3, 9) saved 71.2%, 65.3%, 58.4% of the epochs, its best 0.90, 0.10,
-# 0.60 points behind the unpruned search's; the median pruner saved 64.3%, 43.6%, 53.6%, 0.00, 0.20, 0.20 behind.
+# bench/pruning.py, 6,000 images, 100 trials, seeds 0 to 4, steps counted in epochs trained (BENCHMARKS.md):
+# successive halving (rungs after epochs 1, 3, 9) saved 58.4-75.2% of the epochs (mean 67.7%), its best 0.00-0.90
+# points behind the unpruned search's (mean 0.38); the median pruner saved 43.6-66.0% (mean 56.4%), -0.60-0.20
+# behind (mean 0.00).
 # At a budget of about 70 epochs (bench/vs_kerastuner.py) successive halving's best was 86.3% against the median
 # pruner's 83.1% (mean of 5 seeds): the median pruner prunes nothing until 5 trials have finished.
 DEFAULT_SEARCH_PRUNER = "successive-halving"
