@@ -210,6 +210,7 @@ def main() -> None:
     p = benchlib.parser(__doc__.split("\n\n")[0])
     p.add_argument("--memory-only", action="store_true", help="only the 20-trial memory run")
     p.add_argument("--overhead-only", action="store_true", help="only the four 5-epoch trials")
+    p.add_argument("--memory-trials", type=int, default=20, help="trials of the memory run (20)")
     args = p.parse_args()
     benchlib.quiet_tf()
     machine = benchlib.machine()
@@ -233,7 +234,7 @@ def main() -> None:
                   f"{row['other_s']:.2f}s; worker set-up (once) {row['worker_setup_s']:.1f}s", flush=True)  # fmt: skip
         if args.overhead_only:
             return benchlib.write_json(args.json, out)
-        mem = memory(Path(tmp), trials=5 if args.quick else 20, subset=600 if args.quick else 1_200,
+        mem = memory(Path(tmp), trials=5 if args.quick else args.memory_trials, subset=600 if args.quick else 1_200,
                      epochs=1 if args.quick else 2)  # fmt: skip
     out["memory"] = mem
     print("RSS after each trial (MiB): " + " ".join(f"{r['rss_mib']:.0f}" for r in mem["trials"]))

@@ -191,6 +191,28 @@ def test_adversarial_training_on_a_kept_model_matches_a_fresh_one():
     assert _figures(reused) == _figures(models.train(models.build_model(later, seed=0), splits, **fit))
 
 
+def test_reseeding_with_the_same_seed_keeps_tensorflow_s_instantiated_functions(monkeypatch):
+    import random
+
+    import keras
+    import tensorflow as tf
+
+    def draws() -> tuple:
+        return random.random(), np.random.random(), float(keras.random.uniform(()))  # the last: Keras's own seed
+
+    models.seed_everything(5)
+    first = draws()
+    real, calls = tf.random.set_seed, []
+    # tf.random.set_seed also empties TensorFlow's kernel cache: every traced step instantiated again
+    monkeypatch.setattr(tf.random, "set_seed", lambda seed: (calls.append(seed), real(seed)))
+    models.seed_everything(5)
+    assert calls == [] and draws() == first
+    models.seed_everything(6)
+    assert calls == [6] and tf.compat.v1.get_seed(0)[0] == 6 and draws() != first
+    models.seed_everything(5)
+    assert calls == [6, 5] and draws() == first
+
+
 def test_the_cache_keeps_its_most_recent_architectures_and_lends_a_model_once():
     cache = models.ModelCache(size=2)
     a, b, c = (models.ModelConfig(units=units) for units in (2, 3, 4))
@@ -207,6 +229,23 @@ def test_the_cache_keeps_its_most_recent_architectures_and_lends_a_model_once():
     with cache.model(a, seed=0) as rebuilt:
         assert rebuilt is not model_a
     assert len(cache._kept) == 2
+
+
+def test_the_cache_frees_a_model_as_it_drops_it():
+    import gc
+    import weakref
+
+    gc.disable()  # only the cache may collect here
+    try:
+        cache = models.ModelCache(size=1)
+        with cache.model(models.ModelConfig(units=2), seed=0) as first:
+            dropped = weakref.ref(first)
+        del first
+        with cache.model(models.ModelConfig(units=3), seed=0):
+            assert dropped() is not None, "still kept while the next trial runs"
+        assert dropped() is None, "a model holds cycles: the cache collects once it drops one"
+    finally:
+        gc.enable()
 
 
 def test_a_worker_scores_a_trial_on_a_kept_model_as_on_a_fresh_one(monkeypatch):
