@@ -271,7 +271,7 @@ def train(
 
 
 def seed_everything(seed: int) -> None:
-    """`keras.utils.set_random_seed(seed)`, except that TensorFlow's global seed is left alone when it is `seed` already.
+    """`keras.utils.set_random_seed(seed)`, but TensorFlow's global seed is left alone when it is `seed` already.
 
     `tf.random.set_seed` also empties TensorFlow's kernel cache (to restart stateful random kernels, which these
     models have none of: Keras draws dropout masks and initial weights statelessly, from seeds that Python's
