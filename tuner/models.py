@@ -91,8 +91,8 @@ def build_model(config: ModelConfig, *, seed: int, input_shape: tuple[int, int] 
     """A fresh compiled model, the same for the same `config` and `seed` whatever was built before.
 
     It does not clear the Keras session: that empties TensorFlow's kernel cache, and the worker's kept models
-    (`ModelCache`) would instantiate their traced steps again (0.4-0.6 s for SimpleRNN-128's train step), and
-    collects garbage over the whole process (0.2-0.3 s). `ModelCache` frees what it drops.
+    (`ModelCache`) would instantiate their traced steps again on next use (0.4-0.6 s for SimpleRNN-128's train
+    step). `ModelCache` clears it when it drops a model, which frees that model's memory.
     """
     import keras
 
