@@ -207,6 +207,13 @@ def test_reseeding_with_the_same_seed_keeps_tensorflow_s_instantiated_functions(
     monkeypatch.setattr(tf.random, "set_seed", lambda seed: (calls.append(seed), real(seed)))
     models.seed_everything(5)
     assert calls == [] and draws() == first
+    from tensorflow.python.eager import context
+
+    cleared = []  # what keras.backend.clear_session calls
+    monkeypatch.setattr(context.Context, "clear_kernel_cache", lambda self: cleared.append(1))
+    model = models.build_model(models.ModelConfig(units=2), seed=5)
+    models.train(model, data.load(subset=200), batch_size=64, epochs=1, seed=5)
+    assert calls == [] and cleared == [], "a build or a trial emptied the kernel cache of the worker's kept models"
     models.seed_everything(6)
     assert calls == [6] and tf.compat.v1.get_seed(0)[0] == 6 and draws() != first
     models.seed_everything(5)
