@@ -155,8 +155,8 @@ PRUNING = ("pruning_epochs_seed0", "pruning_epochs_seed1", "pruning_epochs_seed2
 def machine(folder: Path) -> str:
     out = ["| benchmark | CPU | cores | memory GiB | TensorFlow | Keras | Optuna | load average (1 min) at start |",
            "|---|---|---:|---:|---|---|---|---:|"]  # fmt: skip
-    names = ("train_speed.machine", "train_speed_fused.machine", "train_speed_goal.machine", "step_products",
-             "trial_overhead", *PRUNING,
+    names = ("train_speed.machine", "train_speed_fused.machine", "train_speed_goal.machine",
+             "train_speed_xeon.machine", "step_products", "trial_overhead", *PRUNING,
              "vs_kerastuner", "storage", "storage_workers")  # fmt: skip
     for name in names:
         d = _load(folder, name)
@@ -174,7 +174,7 @@ def main() -> None:
     print(f"### machine\n\n{machine(folder)}\n")
     for name, fn in (("train_speed", train_speed), ("train_speed_xla_full", train_speed),
                      ("train_speed_fused", train_speed), ("train_speed_goal", train_speed),
-                     ("step_products", step_products),
+                     ("train_speed_xeon", train_speed), ("step_products", step_products),
                      ("trial_overhead", trial_overhead),
                      *((name, pruning) for name in PRUNING), ("vs_kerastuner", vs_kerastuner), ("storage", storage),
                      ("storage_workers", storage)):  # fmt: skip
