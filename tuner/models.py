@@ -167,19 +167,14 @@ class ModelCache:
             yield kept.model
         finally:
             self._kept[key] = kept
-            if len(self._kept) > self.size:
-                while len(self._kept) > self.size:
-                    self._kept.pop(next(iter(self._kept)))
-                _forget_dropped()
+            if len(self._kept) > self.size:  # a trial gives back one model at most: one goes
+                del self._kept[next(iter(self._kept))]
+                # Free what it held: TensorFlow's kernels of its traced steps (the whole kernel cache goes, so kept
+                # models instantiate theirs again on next use) and, by collecting, its objects, which hold one
+                # another. Keras's clear_session does both.
+                import keras
 
-
-def _forget_dropped() -> None:
-    """Free what dropped models held: their objects (layers, graphs and optimizer hold one another, so only the
-    collector frees them) and TensorFlow's instantiated kernels of their traced steps (emptying the kernel cache,
-    so kept models instantiate theirs again on next use)."""
-    import keras
-
-    keras.backend.clear_session()  # Keras's global state, TensorFlow's kernel cache, then gc.collect()
+                keras.backend.clear_session()
 
 
 def architecture(config: ModelConfig) -> tuple:
