@@ -96,19 +96,15 @@ def build_model(config: ModelConfig, *, seed: int, input_shape: tuple[int, int] 
     """
     import keras
 
+    from tuner import recurrent
+
     seed_everything(seed)
-    layer_cls = getattr(keras.layers, config.cell)
+    # Keras's layer with its recurrence run as few TensorFlow ops (tuner.recurrent): the same weights and function
+    layer_cls = getattr(recurrent, config.cell)
     model = keras.Sequential(name=f"{config.cell.lower()}_{config.units}")
     model.add(keras.Input(shape=input_shape))
     for i in range(config.layers):
-        # SimpleRNN unrolls its 28 steps into straight-line ops instead of a while_loop: the same arithmetic and
-        # figures, a 12% faster epoch at load 3 on 2 cores (2x at load 16). LSTM and GRU gained nothing at load 3
-        # (GRU lost 19%) and traced up to 6 s longer per trial, so they keep the loop (bench/train_speed.py,
-        # BENCHMARKS.md).
-        unroll = config.cell == "SimpleRNN"
-        model.add(
-            layer_cls(config.units, return_sequences=i < config.layers - 1, dropout=config.dropout, unroll=unroll)
-        )
+        model.add(layer_cls(config.units, return_sequences=i < config.layers - 1, dropout=config.dropout))
     model.add(keras.layers.Dense(n_classes, activation="softmax"))
     model.compile(
         optimizer=_optimizer(config),

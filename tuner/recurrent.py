@@ -1,0 +1,236 @@
+"""Keras's SimpleRNN, LSTM and GRU with the 28-step recurrence run as few TensorFlow ops, forward and backward.
+
+Keras on TensorFlow runs a recurrent layer step by step (a `while_loop`, or unrolled), and TensorFlow's
+automatic gradient mirrors that: every step multiplies its input by the input kernel, and backward every step
+makes three more products (the state's gradient and both weight gradients), each a small op of its own. Here:
+
+- the input products of all steps are one matrix product before the recurrence (and their gradients, taken by
+  TensorFlow, one product each after it);
+- the recurrence is a `tf.custom_gradient` whose backward pass runs only what depends on the previous step
+  (the elementwise gate gradients and one product with the recurrent kernel per step), and forms the
+  recurrent kernel's gradient as one product over all steps at the end.
+
+The layers are subclasses that differ from Keras's only in `inner_loop`: the same weights, initial values,
+dropout masks (the cell's own, drawn as Keras draws them) and serialisation, the same function up to float
+rounding (`tests/test_recurrent.py` compares outputs and gradients with Keras's). Anything this path does not
+cover (masking, recurrent dropout, going backwards, activations other than the defaults, GRU with
+`reset_after=False`, another backend) falls back to Keras's loop.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+_SIGMOID = keras.activations.sigmoid
+_TANH = keras.activations.tanh
+
+
+def _project(sequences, kernel, bias):
+    """Time-major input products of every step at once: (batch, steps, features) -> a list of steps x (batch, g*units)."""
+    x = tf.transpose(sequences, (1, 0, 2))
+    steps = x.shape[0]
+    flat = tf.reshape(x, (-1, x.shape[-1]))
+    xw = tf.matmul(flat, kernel)
+    if bias is not None:
+        xw = xw + bias
+    return tf.unstack(tf.reshape(xw, (steps, -1, kernel.shape[-1])), num=steps)
+
+
+def _kernel_gradient(previous, dz):
+    """sum over steps of previous[t]^T @ dz[t], as one product."""
+    return tf.matmul(tf.concat(previous, 0), tf.concat(dz, 0), transpose_a=True)
+
+
+def _step_gradients(dy, steps: int, sequences: bool):
+    if dy is None:
+        return [None] * steps
+    return tf.unstack(dy, num=steps) if sequences else [None] * (steps - 1) + [dy]
+
+
+def _add(a, b):
+    return b if a is None else a if b is None else a + b
+
+
+def _simple(xw, recurrent_kernel, sequences: bool):
+    """tanh SimpleRNN from a zero state; xw: list of (batch, units). Returns the states (or the last)."""
+
+    @tf.custom_gradient
+    def run(*args):
+        *xw, kernel = args
+        hs = [tf.tanh(xw[0])]
+        for x in xw[1:]:
+            hs.append(tf.tanh(x + tf.matmul(hs[-1], kernel)))
+        out = tf.stack(hs) if sequences else hs[-1]
+
+        def grad(dy):
+            dys = _step_gradients(dy, len(hs), sequences)
+            dz = [None] * len(hs)
+            dh = None
+            for t in reversed(range(len(hs))):
+                dh = _add(dh, dys[t])
+                dz[t] = tf.raw_ops.TanhGrad(y=hs[t], dy=dh)
+                if t:
+                    dh = tf.matmul(dz[t], kernel, transpose_b=True)
+            return (*dz, _kernel_gradient(hs[:-1], dz[1:]))
+
+        return out, grad
+
+    return run(*xw, tf.convert_to_tensor(recurrent_kernel))
+
+
+def _lstm(xw, recurrent_kernel, sequences: bool):
+    """Keras's LSTM (gates i, f, c, o; sigmoid and tanh) from zero states. Returns (h or all h, last c)."""
+
+    @tf.custom_gradient
+    def run(*args):
+        *xw, kernel = args
+        hs, cs, gates, tcs = [], [], [], []
+        h = c = None
+        for x in xw:
+            z = x if h is None else x + tf.matmul(h, kernel)
+            zi, zf, zc, zo = tf.split(z, 4, axis=1)
+            i, f, g, o = tf.sigmoid(zi), tf.sigmoid(zf), tf.tanh(zc), tf.sigmoid(zo)
+            c = i * g if c is None else f * c + i * g
+            tc = tf.tanh(c)
+            h = o * tc
+            hs.append(h)
+            cs.append(c)
+            gates.append((i, f, g, o))
+            tcs.append(tc)
+        out = tf.stack(hs) if sequences else hs[-1]
+
+        def grad(dy, dc_last):
+            dys = _step_gradients(dy, len(hs), sequences)
+            dz = [None] * len(hs)
+            dh, dc = None, dc_last
+            for t in reversed(range(len(hs))):
+                i, f, g, o = gates[t]
+                dh = _add(dh, dys[t])
+                do = dh * tcs[t]
+                dc = _add(dc, tf.raw_ops.TanhGrad(y=tcs[t], dy=dh * o))
+                parts = [
+                    tf.raw_ops.SigmoidGrad(y=i, dy=dc * g),
+                    tf.zeros_like(f) if t == 0 else tf.raw_ops.SigmoidGrad(y=f, dy=dc * cs[t - 1]),
+                    tf.raw_ops.TanhGrad(y=g, dy=dc * i),
+                    tf.raw_ops.SigmoidGrad(y=o, dy=do),
+                ]
+                dz[t] = tf.concat(parts, 1)
+                if t:
+                    dh = tf.matmul(dz[t], kernel, transpose_b=True)
+                    dc = dc * f
+            return (*dz, _kernel_gradient(hs[:-1], dz[1:]))
+
+        return (out, cs[-1]), grad
+
+    return run(*xw, tf.convert_to_tensor(recurrent_kernel))
+
+
+def _gru(xw, recurrent_kernel, recurrent_bias, sequences: bool):
+    """Keras's GRU with reset_after=True (gates z, r, h) from a zero state. Returns the states (or the last)."""
+
+    @tf.custom_gradient
+    def run(*args):
+        *xw, kernel, rbias = args
+        hs, saved = [], []
+        h = None
+        for x in xw:
+            inner = rbias if h is None else tf.matmul(h, kernel) + rbias
+            xz, xr, xh = tf.split(x, 3, axis=1)
+            rz, rr, rh = tf.split(inner, 3, axis=-1)
+            z = tf.sigmoid(xz + rz)
+            r = tf.sigmoid(xr + rr)
+            hh = tf.tanh(xh + r * rh)
+            h = (1 - z) * hh if h is None else z * h + (1 - z) * hh
+            hs.append(h)
+            saved.append((z, r, rh, hh))
+        out = tf.stack(hs) if sequences else hs[-1]
+
+        def grad(dy):
+            dys = _step_gradients(dy, len(hs), sequences)
+            dx, dinner = [None] * len(hs), [None] * len(hs)
+            dh = None
+            for t in reversed(range(len(hs))):
+                z, r, rh, hh = saved[t]
+                dh = _add(dh, dys[t])
+                previous = hs[t - 1] if t else tf.zeros_like(hh)
+                dzz = tf.raw_ops.SigmoidGrad(y=z, dy=dh * (previous - hh))
+                dah = tf.raw_ops.TanhGrad(y=hh, dy=dh * (1 - z))
+                dzr = tf.raw_ops.SigmoidGrad(y=r, dy=dah * rh)
+                dx[t] = tf.concat([dzz, dzr, dah], 1)
+                dinner[t] = tf.concat([dzz, dzr, dah * r], 1)
+                if t:
+                    dh = dh * z + tf.matmul(dinner[t], kernel, transpose_b=True)
+            drbias = tf.reduce_sum(tf.concat(dinner, 0), 0)
+            return (*dx, _kernel_gradient(hs[:-1], dinner[1:]), drbias)
+
+        return out, grad
+
+    return run(*xw, tf.convert_to_tensor(recurrent_kernel), tf.convert_to_tensor(recurrent_bias))
+
+
+def _covered(layer, mask) -> bool:
+    cell = layer.cell
+    return (
+        layer._zero_start
+        and keras.backend.backend() == "tensorflow"
+        and mask is None
+        and not layer.go_backwards
+        and not layer.stateful
+        and not cell.recurrent_dropout
+        and cell.activation is _TANH
+        and getattr(cell, "recurrent_activation", _SIGMOID) is _SIGMOID
+        and getattr(cell, "implementation", 2) == 2
+        and getattr(cell, "reset_after", True)
+    )
+
+
+class _Fused:
+    """What the three layers share: the choice of path, and the input dropout as Keras's cell applies it."""
+
+    _zero_start = False
+
+    def call(self, sequences, initial_state=None, mask=None, training=False):
+        self._zero_start = initial_state is None  # the fused recurrences start from zero states
+        return super().call(sequences, initial_state=initial_state, mask=mask, training=training)
+
+    def inner_loop(self, sequences, initial_state, mask, training=False):
+        if not _covered(self, mask):
+            return super().inner_loop(sequences, initial_state, mask, training)
+        if training and self.cell.dropout:
+            mask = self.cell.get_dropout_mask(sequences[:, 0, :])  # the cell's own mask, drawn by RNN.call
+            sequences = sequences * tf.expand_dims(mask, 1)
+        out, states = self._recurrence(sequences, self.cell)
+        last = out[-1] if self.return_sequences else out
+        outputs = tf.transpose(out, (1, 0, 2)) if self.return_sequences else out
+        return last, outputs, [last, *states]
+
+
+@keras.saving.register_keras_serializable(package="tuner")
+class SimpleRNN(_Fused, keras.layers.SimpleRNN):
+    __doc__ = keras.layers.SimpleRNN.__doc__
+
+    def _recurrence(self, x, cell):
+        return _simple(_project(x, cell.kernel, cell.bias), cell.recurrent_kernel, self.return_sequences), []
+
+
+@keras.saving.register_keras_serializable(package="tuner")
+class LSTM(_Fused, keras.layers.LSTM):
+    __doc__ = keras.layers.LSTM.__doc__
+
+    def _recurrence(self, x, cell):
+        out, c = _lstm(_project(x, cell.kernel, cell.bias), cell.recurrent_kernel, self.return_sequences)
+        return out, [c]
+
+
+@keras.saving.register_keras_serializable(package="tuner")
+class GRU(_Fused, keras.layers.GRU):
+    __doc__ = keras.layers.GRU.__doc__
+
+    def _recurrence(self, x, cell):
+        if cell.use_bias:
+            input_bias, recurrent_bias = cell.bias[0], cell.bias[1]
+        else:
+            input_bias, recurrent_bias = None, tf.zeros((3 * cell.units,), cell.recurrent_kernel.dtype)
+        xw = _project(x, cell.kernel, input_bias)
+        return _gru(xw, cell.recurrent_kernel, recurrent_bias, self.return_sequences), []
