@@ -27,7 +27,7 @@ _TANH = keras.activations.tanh
 
 
 def _project(sequences, kernel, bias):
-    """Time-major input products of every step at once: (batch, steps, features) -> a list of steps x (batch, g*units)."""
+    """The input products of every step as one product: (batch, steps, features) -> steps x (batch, g*units)."""
     x = tf.transpose(sequences, (1, 0, 2))
     steps = x.shape[0]
     flat = tf.reshape(x, (-1, x.shape[-1]))

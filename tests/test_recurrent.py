@@ -1,0 +1,100 @@
+"""tuner.recurrent's layers compute what Keras's do: same weights, outputs, gradients and dropout, and load back."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tuner import recurrent
+from tuner.models import ModelConfig, build_model
+
+RNG = np.random.default_rng(0)
+X = RNG.random((16, 28, 28), dtype=np.float32)
+Y = RNG.integers(0, 10, 16)
+
+
+def _model(module, cell: str, *, layers: int = 1, dropout: float = 0.0, **kw):
+    keras.utils.set_random_seed(1)
+    recurrent_layers = [
+        getattr(module, cell)(6, return_sequences=i < layers - 1, dropout=dropout, **kw) for i in range(layers)
+    ]
+    return keras.Sequential([keras.Input((28, 28)), *recurrent_layers, keras.layers.Dense(10, activation="softmax")])
+
+
+def _forward_backward(model, *, training: bool):
+    keras.utils.set_random_seed(5)  # the same dropout draws for both models
+    x = tf.constant(X)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        out = model(x, training=training)
+        loss = keras.losses.SparseCategoricalCrossentropy()(Y, out)
+    grads = tape.gradient(loss, [*model.trainable_weights, x])  # the input's gradient: adversarial training's FGSM
+    return out.numpy(), [g.numpy() for g in grads]
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """How often each fused recurrence ran."""
+    counted = {"_simple": 0, "_lstm": 0, "_gru": 0}
+    for name in counted:
+        original = getattr(recurrent, name)
+
+        def counting(*args, _name=name, _original=original):
+            counted[_name] += 1
+            return _original(*args)
+
+        monkeypatch.setattr(recurrent, name, counting)
+    return counted
+
+
+@pytest.mark.parametrize("cell", ["SimpleRNN", "LSTM", "GRU"])
+@pytest.mark.parametrize(("layers", "dropout"), [(1, 0.0), (2, 0.3)])
+def test_same_function_and_gradients_as_keras(cell, layers, dropout, calls):
+    ours = _model(recurrent, cell, layers=layers, dropout=dropout)
+    theirs = _model(keras.layers, cell, layers=layers, dropout=dropout)
+    assert [w.path.split("/")[-1] for w in ours.weights] == [w.path.split("/")[-1] for w in theirs.weights]
+    for a, b in zip(ours.weights, theirs.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    out, grads = _forward_backward(ours, training=True)
+    want_out, want_grads = _forward_backward(theirs, training=True)
+    fused = {"SimpleRNN": "_simple", "LSTM": "_lstm", "GRU": "_gru"}[cell]
+    assert calls[fused] == layers  # the fused path ran, not Keras's loop
+    np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-6)
+    for g, want in zip(grads, want_grads, strict=True):
+        np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
+    if dropout:  # inference drops nothing, in both
+        np.testing.assert_allclose(ours(X).numpy(), theirs(X).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_gru_without_bias():
+    ours, theirs = _model(recurrent, "GRU", use_bias=False), _model(keras.layers, "GRU", use_bias=False)
+    out, grads = _forward_backward(ours, training=False)
+    want_out, want_grads = _forward_backward(theirs, training=False)
+    np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-6)
+    for g, want in zip(grads, want_grads, strict=True):
+        np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
+
+
+def test_uncovered_settings_fall_back_to_keras(calls):
+    """A given initial state, a mask or going backwards run Keras's own loop, and still give Keras's figures."""
+    keras.utils.set_random_seed(1)
+    ours, theirs = recurrent.LSTM(5, go_backwards=True), keras.layers.LSTM(5, go_backwards=True)
+    x = tf.constant(X)
+    ours.build(x.shape), theirs.build(x.shape)
+    theirs.set_weights(ours.get_weights())
+    np.testing.assert_allclose(ours(x).numpy(), theirs(x).numpy(), rtol=1e-6)
+    state = [tf.ones((16, 5)), tf.zeros((16, 5))]
+    np.testing.assert_allclose(ours(x, initial_state=state).numpy(), theirs(x, initial_state=state).numpy(), rtol=1e-6)
+    assert calls["_lstm"] == 0
+
+
+def test_build_model_uses_the_fused_layers_and_they_load_back(tmp_path, calls):
+    for cell in ("SimpleRNN", "LSTM", "GRU"):
+        model = build_model(ModelConfig(cell=cell, units=8, layers=2), seed=0)
+        assert all(isinstance(layer, getattr(recurrent, cell)) for layer in model.layers[:2])
+        path = tmp_path / f"{cell}.keras"
+        model.save(path)
+        loaded = keras.models.load_model(path)
+        assert type(loaded.layers[0]) is getattr(recurrent, cell)
+        np.testing.assert_array_equal(loaded.predict(X, verbose=0), model.predict(X, verbose=0))
+    assert all(calls.values())
