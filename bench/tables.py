@@ -58,6 +58,19 @@ def step_products(d: dict) -> str:
     return "\n".join(out)
 
 
+def fused_rnn(d: dict) -> str:
+    out = ["| configuration | images | rounds | Keras's layers: median epoch s | tuner's: median epoch s | speed-up "
+           "| per round | first call s (Keras's / tuner's) | largest loss difference |",
+           "|---|---:|---:|---:|---:|---:|---|---|---:|"]  # fmt: skip
+    for r in d["rows"]:
+        per_round = ", ".join(f"{x:.2f}" for x in r["speedup_per_round"])
+        first = f"{r['first_call_s']['keras']:.2f} / {r['first_call_s']['tuner']:.2f}"
+        out.append(f"| {r['config']} | {r['n_train']} | {r['rounds']} | {r['median_epoch_s']['keras']:.2f} "
+                   f"| {r['median_epoch_s']['tuner']:.2f} | {r['speedup_median']:.2f}x | {per_round} | {first} "
+                   f"| {r['max_loss_difference']:.1e} |")  # fmt: skip
+    return "\n".join(out)
+
+
 def memory(d: dict) -> str:
     env = d.get("env") or "none set"
     out = [f"Allocator environment: {env} (the objective caps glibc's malloc arenas at 2 unless MALLOC_ARENA_MAX "
@@ -156,7 +169,7 @@ def machine(folder: Path) -> str:
     out = ["| benchmark | CPU | cores | memory GiB | TensorFlow | Keras | Optuna | load average (1 min) at start |",
            "|---|---|---:|---:|---|---|---|---:|"]  # fmt: skip
     names = ("train_speed.machine", "train_speed_fused.machine", "train_speed_goal.machine",
-             "train_speed_xeon.machine", "step_products", "trial_overhead", *PRUNING,
+             "train_speed_xeon.machine", "fused_rnn", "step_products", "trial_overhead", *PRUNING,
              "vs_kerastuner", "storage", "storage_workers")  # fmt: skip
     for name in names:
         d = _load(folder, name)
@@ -174,7 +187,7 @@ def main() -> None:
     print(f"### machine\n\n{machine(folder)}\n")
     for name, fn in (("train_speed", train_speed), ("train_speed_xla_full", train_speed),
                      ("train_speed_fused", train_speed), ("train_speed_goal", train_speed),
-                     ("train_speed_xeon", train_speed), ("step_products", step_products),
+                     ("train_speed_xeon", train_speed), ("fused_rnn", fused_rnn), ("step_products", step_products),
                      ("trial_overhead", trial_overhead),
                      *((name, pruning) for name in PRUNING), ("vs_kerastuner", vs_kerastuner), ("storage", storage),
                      ("storage_workers", storage)):  # fmt: skip

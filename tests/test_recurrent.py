@@ -1,5 +1,8 @@
 """tuner.recurrent's layers compute what Keras's do: same weights, outputs, gradients and dropout, and load back."""
 
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -68,33 +71,70 @@ def test_same_function_and_gradients_as_keras(cell, layers, dropout, calls):
 
 def test_gru_without_bias():
     ours, theirs = _model(recurrent, "GRU", use_bias=False), _model(keras.layers, "GRU", use_bias=False)
-    out, grads = _forward_backward(ours, training=False)
-    want_out, want_grads = _forward_backward(theirs, training=False)
+    out, grads = _forward_backward(ours, training=True)
+    want_out, want_grads = _forward_backward(theirs, training=True)
     np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-6)
     for g, want in zip(grads, want_grads, strict=True):
         np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
 
 
-def test_uncovered_settings_fall_back_to_keras(calls):
-    """A given initial state, a mask or going backwards run Keras's own loop, and still give Keras's figures."""
+def test_inference_and_uncovered_settings_run_keras_loop(calls):
+    """Inference, a given initial state or going backwards run Keras's own loop, and give Keras's figures."""
     keras.utils.set_random_seed(1)
     ours, theirs = recurrent.LSTM(5, go_backwards=True), keras.layers.LSTM(5, go_backwards=True)
+    plain = recurrent.LSTM(5)
     x = tf.constant(X)
-    ours.build(x.shape), theirs.build(x.shape)
+    for layer in (ours, theirs, plain):
+        layer.build(x.shape)
     theirs.set_weights(ours.get_weights())
-    np.testing.assert_allclose(ours(x).numpy(), theirs(x).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(ours(x, training=True).numpy(), theirs(x, training=True).numpy(), rtol=1e-6)
     state = [tf.ones((16, 5)), tf.zeros((16, 5))]
-    np.testing.assert_allclose(ours(x, initial_state=state).numpy(), theirs(x, initial_state=state).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(
+        ours(x, initial_state=state, training=True).numpy(), theirs(x, initial_state=state).numpy(), rtol=1e-6
+    )
+    plain(x, training=False)
     assert calls["_lstm"] == 0
+    plain(x, training=True)
+    assert calls["_lstm"] == 1
 
 
 def test_build_model_uses_the_fused_layers_and_they_load_back(tmp_path, calls):
     for cell in ("SimpleRNN", "LSTM", "GRU"):
         model = build_model(ModelConfig(cell=cell, units=8, layers=2), seed=0)
         assert all(isinstance(layer, getattr(recurrent, cell)) for layer in model.layers[:2])
+        model.train_on_batch(X, Y)
         path = tmp_path / f"{cell}.keras"
         model.save(path)
         loaded = keras.models.load_model(path)
         assert type(loaded.layers[0]) is getattr(recurrent, cell)
         np.testing.assert_array_equal(loaded.predict(X, verbose=0), model.predict(X, verbose=0))
     assert all(calls.values())
+
+
+def test_a_fresh_process_loads_a_saved_model(tmp_path):
+    """`tuner confusions` and `tuner attack` load the best model in a process that built none."""
+    import optuna
+
+    from tuner import artifacts
+
+    model = build_model(ModelConfig(cell="GRU", units=8), seed=0)
+    store = optuna.artifacts.FileSystemArtifactStore(str(tmp_path))
+    db = f"sqlite:///{tmp_path / 's.db'}"
+    study = optuna.create_study(study_name="s", storage=db)
+    trial = study.ask()
+    artifacts.save_model(trial, model, store)
+    study.tell(trial, 0.5)
+    np.save(tmp_path / "x.npy", X)
+    code = (
+        "import sys, numpy as np, optuna, optuna.artifacts as a\n"
+        "from tuner import artifacts\n"
+        "t = optuna.load_study(study_name='s', storage=sys.argv[1]).trials[0]\n"
+        "m = artifacts.load_model(t, a.FileSystemArtifactStore(sys.argv[2]))\n"
+        "np.save(sys.argv[3], m.predict(np.load(sys.argv[4]), verbose=0))\n"
+        "print(type(m.layers[0]).__module__)\n"
+    )
+    paths = [str(tmp_path), str(tmp_path / "p.npy"), str(tmp_path / "x.npy")]
+    out = subprocess.run([sys.executable, "-c", code, db, *paths], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "tuner.recurrent"
+    np.testing.assert_array_equal(np.load(tmp_path / "p.npy"), model.predict(X, verbose=0))
