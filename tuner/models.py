@@ -99,8 +99,10 @@ def build_model(config: ModelConfig, *, seed: int, input_shape: tuple[int, int] 
     from tuner import recurrent
 
     seed_everything(seed)
-    # Keras's layer with its recurrence run as few TensorFlow ops (tuner.recurrent): the same weights and function
-    layer_cls = getattr(recurrent, config.cell)
+    # SimpleRNN and GRU train with tuner.recurrent's layers: Keras's, with a hand-written gradient of the recurrence
+    # (the same weights and function; GRU epochs 1.2-1.3x faster, SimpleRNN's train step traced 0.3-0.6 s faster).
+    # LSTM keeps Keras's layer, which that treatment made no faster (BENCHMARKS.md, section 1).
+    layer_cls = getattr(recurrent, config.cell, None) or getattr(keras.layers, config.cell)
     model = keras.Sequential(name=f"{config.cell.lower()}_{config.units}")
     model.add(keras.Input(shape=input_shape))
     for i in range(config.layers):

@@ -1,4 +1,4 @@
-"""Keras's SimpleRNN, LSTM and GRU with the 28-step recurrence run as few TensorFlow ops, forward and backward.
+"""Keras's SimpleRNN and GRU with the 28-step recurrence run as fewer TensorFlow ops in training.
 
 Keras on TensorFlow runs a recurrent layer step by step (a `while_loop`, or unrolled), and TensorFlow's
 automatic gradient mirrors that: every step multiplies its input by the input kernel, and backward every step
@@ -9,6 +9,9 @@ makes three more products (the state's gradient and both weight gradients), each
 - the recurrence is a `tf.custom_gradient` whose backward pass runs only what depends on the previous step
   (the elementwise gate gradients and one product with the recurrent kernel per step), and forms the
   recurrent kernel's gradient as one product over all steps at the end.
+
+LSTM is not here: the same treatment of Keras's LSTM (measured at commit 24756ee, BENCHMARKS.md section 1) trained
+no faster on the benchmark machine (0.90-1.05x an epoch) and traced its train step 0.3-0.4 s longer.
 
 The layers are subclasses that differ from Keras's only in `inner_loop`, and only in training: the same weights,
 initial values, dropout masks (the cell's own, drawn as Keras draws them) and serialisation, the same function
@@ -75,53 +78,6 @@ def _simple(xw, recurrent_kernel, sequences: bool):
             return (*dz, _kernel_gradient(hs[:-1], dz[1:]))
 
         return out, grad
-
-    return run(*xw, tf.convert_to_tensor(recurrent_kernel))
-
-
-def _lstm(xw, recurrent_kernel, sequences: bool):
-    """Keras's LSTM (gates i, f, c, o; sigmoid and tanh) from zero states. Returns (h or all h, last c)."""
-
-    @tf.custom_gradient
-    def run(*args):
-        *xw, kernel = args
-        hs, cs, gates, tcs = [], [], [], []
-        h = c = None
-        for x in xw:
-            z = x if h is None else x + tf.matmul(h, kernel)
-            zi, zf, zc, zo = tf.split(z, 4, axis=1)
-            i, f, g, o = tf.sigmoid(zi), tf.sigmoid(zf), tf.tanh(zc), tf.sigmoid(zo)
-            c = i * g if c is None else f * c + i * g
-            tc = tf.tanh(c)
-            h = o * tc
-            hs.append(h)
-            cs.append(c)
-            gates.append((i, f, g, o))
-            tcs.append(tc)
-        out = tf.stack(hs) if sequences else hs[-1]
-
-        def grad(dy, dc_last):
-            dys = _step_gradients(dy, len(hs), sequences)
-            dz = [None] * len(hs)
-            dh, dc = None, dc_last
-            for t in reversed(range(len(hs))):
-                i, f, g, o = gates[t]
-                dh = _add(dh, dys[t])
-                do = dh * tcs[t]
-                dc = _add(dc, tf.raw_ops.TanhGrad(y=tcs[t], dy=dh * o))
-                parts = [
-                    tf.raw_ops.SigmoidGrad(y=i, dy=dc * g),
-                    tf.zeros_like(f) if t == 0 else tf.raw_ops.SigmoidGrad(y=f, dy=dc * cs[t - 1]),
-                    tf.raw_ops.TanhGrad(y=g, dy=dc * i),
-                    tf.raw_ops.SigmoidGrad(y=o, dy=do),
-                ]
-                dz[t] = tf.concat(parts, 1)
-                if t:
-                    dh = tf.matmul(dz[t], kernel, transpose_b=True)
-                    dc = dc * f
-            return (*dz, _kernel_gradient(hs[:-1], dz[1:]))
-
-        return (out, cs[-1]), grad
 
     return run(*xw, tf.convert_to_tensor(recurrent_kernel))
 
@@ -195,8 +151,8 @@ class _Fused:
         return super().call(sequences, initial_state=initial_state, mask=mask, training=training)
 
     def inner_loop(self, sequences, initial_state, mask, training=False):
-        # Inference (evaluation, prediction, attacks) keeps Keras's loop: it traces faster (LSTM-128's test step
-        # 0.4-0.5 s less), and in batches of 2,048 images a step's ops are large enough that fewer gain nothing.
+        # Inference (evaluation, prediction, attacks) keeps Keras's loop: a rolled loop traces faster, and in batches
+        # of 2,048 images a step's ops are large enough that fewer of them gain nothing.
         if not (training and _covered(self, mask)):
             return super().inner_loop(sequences, initial_state, mask, training)
         if self.cell.dropout:
@@ -214,15 +170,6 @@ class SimpleRNN(_Fused, keras.layers.SimpleRNN):
 
     def _recurrence(self, x, cell):
         return _simple(_project(x, cell.kernel, cell.bias), cell.recurrent_kernel, self.return_sequences), []
-
-
-@keras.saving.register_keras_serializable(package="tuner")
-class LSTM(_Fused, keras.layers.LSTM):
-    __doc__ = keras.layers.LSTM.__doc__
-
-    def _recurrence(self, x, cell):
-        out, c = _lstm(_project(x, cell.kernel, cell.bias), cell.recurrent_kernel, self.return_sequences)
-        return out, [c]
 
 
 @keras.saving.register_keras_serializable(package="tuner")
