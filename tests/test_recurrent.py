@@ -138,4 +138,5 @@ def test_a_fresh_process_loads_a_saved_model(tmp_path):
     out = subprocess.run([sys.executable, "-c", code, db, *paths], capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "tuner.recurrent"
-    np.testing.assert_array_equal(np.load(tmp_path / "p.npy"), model.predict(X, verbose=0))
+    # the same weights; another process may round its float sums differently (3e-8 seen)
+    np.testing.assert_allclose(np.load(tmp_path / "p.npy"), model.predict(X, verbose=0), rtol=1e-5, atol=1e-7)
