@@ -4,12 +4,13 @@
     python bench/fused_rnn.py --quick
 
 For SimpleRNN-128 at batch 256 and GRU-128 at batch 128 (two of bench/train_speed.py's goal configurations):
-two models built by `tuner.models.build_model` from the same seed, one with tuner's layers (as shipped), one
-with Keras's (as tuner built them before: SimpleRNN unrolled, GRU in Keras's `while_loop`), trained by
-`tuner.models.train` in turns, one epoch each per round, so that the machine's drift (10-50% between runs on
-these shared machines) hits both alike. Reported: each model's first call (tracing the train step plus a few
-batches), the median epoch, the per-round speed-up, and every epoch's loss and accuracy: the two compute the
-same function from the same weights and batches, so their figures should agree to float rounding.
+models built by `tuner.models.build_model` from the same seed, one with tuner's layers (as shipped), one with
+Keras's (as tuner built them before: SimpleRNN unrolled, GRU in Keras's `while_loop`), and for SimpleRNN one
+with Keras's rolled loop, trained by `tuner.models.train` in turns, one epoch each per round, so that the
+machine's drift (10-50% between runs on these shared machines) hits all alike. Reported: each model's first
+call (tracing the train step plus a few batches), the median epoch, the per-round speed-up, and every epoch's
+loss and accuracy: they compute the same function from the same weights and batches, so their figures should
+agree to float rounding.
 """
 
 from __future__ import annotations
@@ -23,22 +24,29 @@ import benchlib
 CONFIGS = [("SimpleRNN", 128, 256), ("GRU", 128, 128)]  # LSTM: Keras's layer in both (see tuner.recurrent)
 
 
-def build(cell: str, units: int, *, keras_layers: bool):
-    import keras
-
+def build(cell: str, units: int, layer=None):
+    """build_model's model, with `layer` (a Keras layer class) in place of tuner's when given."""
     from tuner import models, recurrent
 
     config = models.ModelConfig(cell=cell, units=units)
-    if not keras_layers:
+    if layer is None:
         return models.build_model(config, seed=0)
     ours = getattr(recurrent, cell)
-    keras_cls = getattr(keras.layers, cell)
-    # the layer build_model used before tuner.recurrent existed
-    setattr(recurrent, cell, functools.partial(keras_cls, unroll=True) if cell == "SimpleRNN" else keras_cls)
+    setattr(recurrent, cell, layer)
     try:
         return models.build_model(config, seed=0)
     finally:
         setattr(recurrent, cell, ours)
+
+
+def keras_variants(cell: str) -> dict:
+    """Keras's layer as tuner built it before tuner.recurrent (SimpleRNN unrolled), and SimpleRNN also rolled."""
+    import keras
+
+    layer = getattr(keras.layers, cell)
+    if cell != "SimpleRNN":
+        return {"keras": layer}
+    return {"keras": functools.partial(layer, unroll=True), "keras_rolled": layer}
 
 
 def measure(cell: str, units: int, batch_size: int, *, n: int, rounds: int) -> dict:
@@ -48,7 +56,8 @@ def measure(cell: str, units: int, batch_size: int, *, n: int, rounds: int) -> d
     warm_n = 4 * batch_size + n % batch_size
     warm = data.Splits(full.x_train[:warm_n], full.y_train[:warm_n], None, None, None, None, full.source)
     train = data.Splits(full.x_train[:n], full.y_train[:n], None, None, None, None, full.source)
-    variants = {"keras": build(cell, units, keras_layers=True), "tuner": build(cell, units, keras_layers=False)}
+    variants = {name: build(cell, units, layer) for name, layer in keras_variants(cell).items()}
+    variants["tuner"] = build(cell, units)
     first_s, epochs = {}, {name: [] for name in variants}
     for name, model in variants.items():
         t = time.perf_counter()
@@ -70,6 +79,7 @@ def measure(cell: str, units: int, batch_size: int, *, n: int, rounds: int) -> d
         "median_epoch_s": median,
         "speedup_median": median["keras"] / median["tuner"],
         "speedup_per_round": ratios,
+        "speedup_vs_rolled": median["keras_rolled"] / median["tuner"] if "keras_rolled" in median else None,
         "max_loss_difference": max(
             abs(k["loss"] - t["loss"]) for k, t in zip(epochs["keras"], epochs["tuner"], strict=True)
         ),
@@ -98,10 +108,15 @@ def main() -> None:
         row = measure(cell, units, bs, n=args.n, rounds=args.rounds)
         rows.append(row)
         per_round = " ".join(f"{r:.2f}" for r in row["speedup_per_round"])
+        rolled = ""
+        if row["speedup_vs_rolled"] is not None:
+            epoch, first = row["median_epoch_s"]["keras_rolled"], row["first_call_s"]["keras_rolled"]
+            rolled = f"Keras's rolled {epoch:.2f} s ({row['speedup_vs_rolled']:.2f}x), first call {first:.2f} s; "
         print(f"{row['config']:24} n {args.n}: Keras's layers {row['median_epoch_s']['keras']:6.2f} s an epoch, "
               f"tuner's {row['median_epoch_s']['tuner']:6.2f} s (median of {args.rounds}): "
               f"{row['speedup_median']:.2f}x faster (per round {per_round}); first call "
               f"{row['first_call_s']['keras']:.2f} s against {row['first_call_s']['tuner']:.2f} s; "
+              f"{rolled}"
               f"largest loss difference {row['max_loss_difference']:.1e}", flush=True)  # fmt: skip
         benchlib.write_json(args.json, {"machine": machine, "rows": rows})
 

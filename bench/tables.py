@@ -60,14 +60,19 @@ def step_products(d: dict) -> str:
 
 def fused_rnn(d: dict) -> str:
     out = ["| configuration | images | rounds | Keras's layers: median epoch s | tuner's: median epoch s | speed-up "
-           "| per round | first call s (Keras's / tuner's) | largest loss difference |",
-           "|---|---:|---:|---:|---:|---:|---|---|---:|"]  # fmt: skip
+           "| per round | first call s (Keras's / tuner's) | Keras's rolled loop: epoch s, first call s "
+           "| largest loss difference |",
+           "|---|---:|---:|---:|---:|---:|---|---|---|---:|"]  # fmt: skip
     for r in d["rows"]:
         per_round = ", ".join(f"{x:.2f}" for x in r["speedup_per_round"])
         first = f"{r['first_call_s']['keras']:.2f} / {r['first_call_s']['tuner']:.2f}"
+        rolled = "-"
+        if r.get("speedup_vs_rolled"):
+            rolled = (f"{r['median_epoch_s']['keras_rolled']:.2f} ({r['speedup_vs_rolled']:.2f}x), "
+                      f"{r['first_call_s']['keras_rolled']:.2f}")  # fmt: skip
         out.append(f"| {r['config']} | {r['n_train']} | {r['rounds']} | {r['median_epoch_s']['keras']:.2f} "
                    f"| {r['median_epoch_s']['tuner']:.2f} | {r['speedup_median']:.2f}x | {per_round} | {first} "
-                   f"| {r['max_loss_difference']:.1e} |")  # fmt: skip
+                   f"| {rolled} | {r['max_loss_difference']:.1e} |")  # fmt: skip
     return "\n".join(out)
 
 
@@ -169,7 +174,7 @@ def machine(folder: Path) -> str:
     out = ["| benchmark | CPU | cores | memory GiB | TensorFlow | Keras | Optuna | load average (1 min) at start |",
            "|---|---|---:|---:|---|---|---|---:|"]  # fmt: skip
     names = ("train_speed.machine", "train_speed_fused.machine", "train_speed_goal.machine",
-             "train_speed_xeon.machine", "fused_rnn", "step_products", "trial_overhead", *PRUNING,
+             "train_speed_xeon.machine", "fused_rnn_first", "fused_rnn", "step_products", "trial_overhead", *PRUNING,
              "vs_kerastuner", "storage", "storage_workers")  # fmt: skip
     for name in names:
         d = _load(folder, name)
@@ -187,7 +192,8 @@ def main() -> None:
     print(f"### machine\n\n{machine(folder)}\n")
     for name, fn in (("train_speed", train_speed), ("train_speed_xla_full", train_speed),
                      ("train_speed_fused", train_speed), ("train_speed_goal", train_speed),
-                     ("train_speed_xeon", train_speed), ("fused_rnn", fused_rnn), ("step_products", step_products),
+                     ("train_speed_xeon", train_speed), ("fused_rnn_first", fused_rnn),
+                     ("fused_rnn", fused_rnn), ("step_products", step_products),
                      ("trial_overhead", trial_overhead),
                      *((name, pruning) for name in PRUNING), ("vs_kerastuner", vs_kerastuner), ("storage", storage),
                      ("storage_workers", storage)):  # fmt: skip
