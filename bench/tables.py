@@ -174,6 +174,7 @@ def machine(folder: Path) -> str:
     out = ["| benchmark | CPU | cores | memory GiB | TensorFlow | Keras | Optuna | load average (1 min) at start |",
            "|---|---|---:|---:|---|---|---|---:|"]  # fmt: skip
     names = ("train_speed.machine", "train_speed_fused.machine", "train_speed_goal.machine",
+             "train_speed_goal_xeon.machine",
              "train_speed_xeon.machine", "fused_rnn_first", "fused_rnn", "step_products", "trial_overhead", *PRUNING,
              "vs_kerastuner", "storage", "storage_workers")  # fmt: skip
     for name in names:
@@ -192,6 +193,7 @@ def main() -> None:
     print(f"### machine\n\n{machine(folder)}\n")
     for name, fn in (("train_speed", train_speed), ("train_speed_xla_full", train_speed),
                      ("train_speed_fused", train_speed), ("train_speed_goal", train_speed),
+                     ("train_speed_goal_xeon", train_speed),
                      ("train_speed_xeon", train_speed), ("fused_rnn_first", fused_rnn),
                      ("fused_rnn", fused_rnn), ("step_products", step_products),
                      ("trial_overhead", trial_overhead),
