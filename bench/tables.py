@@ -174,9 +174,9 @@ def machine(folder: Path) -> str:
     out = ["| benchmark | CPU | cores | memory GiB | TensorFlow | Keras | Optuna | load average (1 min) at start |",
            "|---|---|---:|---:|---|---|---|---:|"]  # fmt: skip
     names = ("train_speed.machine", "train_speed_fused.machine", "train_speed_goal.machine",
-             "train_speed_goal_xeon.machine",
-             "train_speed_xeon.machine", "fused_rnn_first", "fused_rnn", "step_products", "trial_overhead", *PRUNING,
-             "vs_kerastuner", "storage", "storage_workers")  # fmt: skip
+             "train_speed_goal_xeon.machine", "train_speed_xeon.machine", "fused_rnn_first", "fused_rnn",
+             "step_products", "trial_overhead", "trial_overhead_xeon", *PRUNING, "vs_kerastuner", "storage",
+             "storage_xeon", "storage_workers")  # fmt: skip
     for name in names:
         d = _load(folder, name)
         if d is None:
@@ -196,9 +196,9 @@ def main() -> None:
                      ("train_speed_goal_xeon", train_speed),
                      ("train_speed_xeon", train_speed), ("fused_rnn_first", fused_rnn),
                      ("fused_rnn", fused_rnn), ("step_products", step_products),
-                     ("trial_overhead", trial_overhead),
-                     *((name, pruning) for name in PRUNING), ("vs_kerastuner", vs_kerastuner), ("storage", storage),
-                     ("storage_workers", storage)):  # fmt: skip
+                     ("trial_overhead", trial_overhead), ("trial_overhead_xeon", trial_overhead),
+                     *((name, pruning) for name in PRUNING), ("vs_kerastuner", vs_kerastuner),
+                     ("storage", storage), ("storage_xeon", storage), ("storage_workers", storage)):  # fmt: skip
         d = _load(folder, name)
         if d is not None:
             print(f"### {name}\n\n{fn(d)}\n")
