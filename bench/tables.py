@@ -175,7 +175,7 @@ def machine(folder: Path) -> str:
            "|---|---|---:|---:|---|---|---|---:|"]  # fmt: skip
     names = ("train_speed.machine", "train_speed_fused.machine", "train_speed_goal.machine",
              "train_speed_goal_xeon.machine", "train_speed_xeon.machine", "fused_rnn_first", "fused_rnn",
-             "fused_rnn_simplernn", "step_products", "trial_overhead", "trial_overhead_xeon", *PRUNING,
+             "fused_rnn_simplernn", "fused_rnn_gru", "step_products", "trial_overhead", "trial_overhead_xeon", *PRUNING,
              "vs_kerastuner", "storage", "storage_xeon", "storage_workers")  # fmt: skip
     for name in names:
         d = _load(folder, name)
@@ -195,7 +195,8 @@ def main() -> None:
                      ("train_speed_fused", train_speed), ("train_speed_goal", train_speed),
                      ("train_speed_goal_xeon", train_speed),
                      ("train_speed_xeon", train_speed), ("fused_rnn_first", fused_rnn),
-                     ("fused_rnn", fused_rnn), ("fused_rnn_simplernn", fused_rnn), ("step_products", step_products),
+                     ("fused_rnn", fused_rnn), ("fused_rnn_simplernn", fused_rnn),
+                     ("fused_rnn_gru", fused_rnn), ("step_products", step_products),
                      ("trial_overhead", trial_overhead), ("trial_overhead_xeon", trial_overhead),
                      *((name, pruning) for name in PRUNING), ("vs_kerastuner", vs_kerastuner),
                      ("storage", storage), ("storage_xeon", storage), ("storage_workers", storage)):  # fmt: skip
