@@ -142,7 +142,7 @@ def _covered(layer, mask) -> bool:
 
 
 class _Fused:
-    """What the three layers share: the choice of path, and the input dropout as Keras's cell applies it."""
+    """What the two layers share: the choice of path, and the input dropout as Keras's cell applies it."""
 
     _zero_start = False
 
