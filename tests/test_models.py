@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import numpy as np
@@ -124,6 +125,32 @@ def test_a_worker_makes_its_data_constants_before_its_first_trial():
     make_objective(parse({"study": {"kind": "grid"}, "grid": {"units": [8]}}), splits)
     for array in (splits.x_train, splits.y_train, splits.x_val, splits.y_val, splits.x_test, splits.y_test):
         assert id(array) in models._CONSTANTS
+
+
+def test_building_a_model_does_not_trace_its_forward_pass(monkeypatch):
+    """The loss, metrics and optimizer are built from the model's known output shape: no layer's `call` runs
+    before training (Keras's own build traces the whole forward pass for that shape)."""
+    import keras
+
+    calls = []
+    for layer in (keras.layers.LSTM, keras.layers.Dense):
+
+        @functools.wraps(layer.call)  # Keras reads call's signature
+        def counted(self, *args, _call=layer.call, **kwargs):
+            calls.append(self)
+            return _call(self, *args, **kwargs)
+
+        monkeypatch.setattr(layer, "call", counted)
+    from tuner.adversarial import make_adversarial_model
+
+    model = models.build_model(models.ModelConfig(cell="LSTM", units=4), seed=0)
+    wrapper = make_adversarial_model(models.build_model(models.ModelConfig(cell="LSTM", units=4), seed=0), 0.1)
+    assert calls == []
+    for built in (model, wrapper):
+        assert built._compile_loss.built and built._compile_metrics.built and built.optimizer.built
+    assert len(model.optimizer.variables) == 2 + 2 * len(model.trainable_variables)  # Adam: step, rate, m, v
+    model.predict(np.zeros((1, 28, 28), np.float32), verbose=0)
+    assert calls  # the counting sees a real call
 
 
 def test_a_keras_whose_private_build_differs_still_trains(monkeypatch):

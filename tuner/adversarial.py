@@ -324,9 +324,13 @@ def _adversarial_class():
             super().__init__(name=f"adversarial_{inner.name}")
             self.inner, self.eps, self.share = inner, eps, share
             self._logits = _logits_fn(inner)  # a closure: its weights are the inner model's, tracked once
+            self.built = inner.built  # no weights of its own, so that building it traces nothing (models.py)
 
         def call(self, x, training=False):
             return self.inner(x, training=training)
+
+        def compute_output_spec(self, x, training=False, mask=None):
+            return self.inner.compute_output_spec(x, training=training)  # the inner model's, without tracing
 
         def train_step(self, data):
             x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)

@@ -6,9 +6,9 @@ makes three more products (the state's gradient and both weight gradients), each
 
 - the input products of all steps are one matrix product before the recurrence (and their gradients, taken by
   TensorFlow, one product each after it);
-- the recurrence is a `tf.custom_gradient` whose backward pass runs only what depends on the previous step
-  (the elementwise gate gradients and one product with the recurrent kernel per step), and forms the
-  recurrent kernel's gradient as one product over all steps at the end.
+- the recurrence is a `tf.custom_gradient` whose backward pass chains only what depends on the previous step
+  (the elementwise gate gradients and one product with the recurrent kernel per step); each step's share of
+  the recurrent weights' gradient is a product off that chain, which TensorFlow runs beside it.
 
 LSTM is not here: the same treatment of Keras's LSTM (measured at commit 24756ee, BENCHMARKS.md section 1) trained
 no faster on the benchmark machine (0.90-1.05x an epoch) and traced its train step 0.3-0.4 s longer.
@@ -41,8 +41,22 @@ def _project(sequences, kernel, bias):
 
 
 def _kernel_gradient(previous, dz):
-    """sum over steps of previous[t]^T @ dz[t], as one product."""
-    return tf.matmul(tf.concat(previous, 0), tf.concat(dz, 0), transpose_a=True)
+    """previous^T @ dz: one step's share of the recurrent kernel's gradient.
+
+    Each step's share is its own product, summed at the end: it depends neither on the other steps' nor on the
+    recurrence's next step, so TensorFlow runs it beside the recurrence (on the other core). One product over all
+    steps after the recurrence ran 1.15x slower a GRU epoch (BENCHMARKS.md, section 1).
+    """
+    return tf.matmul(previous, dz, transpose_a=True)
+
+
+def _sum(terms):
+    """The steps' shares of a gradient, summed in one fixed order.
+
+    Not `tf.add_n`: with it, a model and its adversarial wrapper (the same training step in another graph)
+    trained to weights that differed in the last bits; TensorFlow's graph optimizer rewrites sums.
+    """
+    return tf.reduce_sum(tf.stack(terms), 0)
 
 
 def _step_gradients(dy, steps: int, sequences: bool):
@@ -68,14 +82,15 @@ def _simple(xw, recurrent_kernel, sequences: bool):
 
         def grad(dy):
             dys = _step_gradients(dy, len(hs), sequences)
-            dz = [None] * len(hs)
+            dz, dkernel = [None] * len(hs), []
             dh = None
             for t in reversed(range(len(hs))):
                 dh = _add(dh, dys[t])
                 dz[t] = tf.raw_ops.TanhGrad(y=hs[t], dy=dh)
                 if t:
                     dh = tf.matmul(dz[t], kernel, transpose_b=True)
-            return (*dz, _kernel_gradient(hs[:-1], dz[1:]))
+                    dkernel.append(_kernel_gradient(hs[t - 1], dz[t]))
+            return (*dz, _sum(dkernel))
 
         return out, grad
 
@@ -104,7 +119,7 @@ def _gru(xw, recurrent_kernel, recurrent_bias, sequences: bool):
 
         def grad(dy):
             dys = _step_gradients(dy, len(hs), sequences)
-            dx, dinner = [None] * len(hs), [None] * len(hs)
+            dx, dkernel, dbias = [None] * len(hs), [], []
             dh = None
             for t in reversed(range(len(hs))):
                 z, r, rh, hh = saved[t]
@@ -114,11 +129,12 @@ def _gru(xw, recurrent_kernel, recurrent_bias, sequences: bool):
                 dah = tf.raw_ops.TanhGrad(y=hh, dy=dh * (1 - z))
                 dzr = tf.raw_ops.SigmoidGrad(y=r, dy=dah * rh)
                 dx[t] = tf.concat([dzz, dzr, dah], 1)
-                dinner[t] = tf.concat([dzz, dzr, dah * r], 1)
+                dinner = tf.concat([dzz, dzr, dah * r], 1)
+                dbias.append(tf.reduce_sum(dinner, 0))
                 if t:
-                    dh = dh * z + tf.matmul(dinner[t], kernel, transpose_b=True)
-            drbias = tf.reduce_sum(tf.concat(dinner, 0), 0)
-            return (*dx, _kernel_gradient(hs[:-1], dinner[1:]), drbias)
+                    dh = dh * z + tf.matmul(dinner, kernel, transpose_b=True)
+                    dkernel.append(_kernel_gradient(hs[t - 1], dinner))
+            return (*dx, _sum(dkernel), _sum(dbias))
 
         return out, grad
 
