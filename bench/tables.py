@@ -173,7 +173,9 @@ PRUNING = ("pruning_epochs_seed0", "pruning_epochs_seed1", "pruning_epochs_seed2
 def machine(folder: Path) -> str:
     out = ["| benchmark | CPU | cores | memory GiB | TensorFlow | Keras | Optuna | load average (1 min) at start |",
            "|---|---|---:|---:|---|---|---|---:|"]  # fmt: skip
-    names = ("train_speed.machine", "train_speed_fused.machine", "train_speed_goal.machine",
+    names = ("train_speed_goal_round8.machine", "fused_rnn_onekernelgrad_round8", "fused_rnn_round8",
+             "fused_rnn_simplernn_round8", "step_products_round8", "trial_overhead_round8", "storage_round8",
+             "train_speed.machine", "train_speed_fused.machine", "train_speed_goal.machine",
              "train_speed_goal_xeon.machine", "train_speed_xeon.machine", "fused_rnn_first", "fused_rnn",
              "fused_rnn_simplernn", "fused_rnn_gru", "step_products", "trial_overhead", "trial_overhead_xeon", *PRUNING,
              "vs_kerastuner", "storage", "storage_xeon", "storage_workers")  # fmt: skip
@@ -191,7 +193,11 @@ def machine(folder: Path) -> str:
 def main() -> None:
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).with_name("results"))
     print(f"### machine\n\n{machine(folder)}\n")
-    for name, fn in (("train_speed", train_speed), ("train_speed_xla_full", train_speed),
+    for name, fn in (("train_speed_goal_round8", train_speed), ("fused_rnn_onekernelgrad_round8", fused_rnn),
+                     ("fused_rnn_round8", fused_rnn), ("fused_rnn_simplernn_round8", fused_rnn),
+                     ("step_products_round8", step_products), ("trial_overhead_round8", trial_overhead),
+                     ("storage_round8", storage),
+                     ("train_speed", train_speed), ("train_speed_xla_full", train_speed),
                      ("train_speed_fused", train_speed), ("train_speed_goal", train_speed),
                      ("train_speed_goal_xeon", train_speed),
                      ("train_speed_xeon", train_speed), ("fused_rnn_first", fused_rnn),
