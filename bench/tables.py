@@ -175,6 +175,7 @@ def machine(folder: Path) -> str:
            "|---|---|---:|---:|---|---|---|---:|"]  # fmt: skip
     names = ("train_speed_goal_round8.machine", "fused_rnn_onekernelgrad_round8", "fused_rnn_round8",
              "fused_rnn_simplernn_round8", "step_products_round8", "trial_overhead_round8", "storage_round8",
+             "vs_kerastuner_round8",
              "train_speed.machine", "train_speed_fused.machine", "train_speed_goal.machine",
              "train_speed_goal_xeon.machine", "train_speed_xeon.machine", "fused_rnn_first", "fused_rnn",
              "fused_rnn_simplernn", "fused_rnn_gru", "step_products", "trial_overhead", "trial_overhead_xeon", *PRUNING,
@@ -196,7 +197,7 @@ def main() -> None:
     for name, fn in (("train_speed_goal_round8", train_speed), ("fused_rnn_onekernelgrad_round8", fused_rnn),
                      ("fused_rnn_round8", fused_rnn), ("fused_rnn_simplernn_round8", fused_rnn),
                      ("step_products_round8", step_products), ("trial_overhead_round8", trial_overhead),
-                     ("storage_round8", storage),
+                     ("storage_round8", storage), ("vs_kerastuner_round8", vs_kerastuner),
                      ("train_speed", train_speed), ("train_speed_xla_full", train_speed),
                      ("train_speed_fused", train_speed), ("train_speed_goal", train_speed),
                      ("train_speed_goal_xeon", train_speed),
