@@ -69,6 +69,22 @@ def test_same_function_and_gradients_as_keras(cell, layers, dropout, calls):
         np.testing.assert_allclose(ours(X).numpy(), theirs(X).numpy(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("cell", ["SimpleRNN", "GRU"])
+def test_a_one_step_sequence(cell):
+    """No step before the last: the recurrent kernel's gradient is zero, as Keras's."""
+    x = tf.constant(X[:, :1, :])
+    grads = []
+    for module in (recurrent, keras.layers):
+        keras.utils.set_random_seed(1)
+        model = keras.Sequential([keras.Input((1, 28)), getattr(module, cell)(6), keras.layers.Dense(10)])
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(model(x, training=True) ** 2)
+        grads.append([g.numpy() for g in tape.gradient(loss, model.trainable_weights)])
+    for g, want in zip(*grads, strict=True):
+        np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-6)
+    assert not np.any(grads[0][1])  # the recurrent kernel's
+
+
 def test_gru_without_bias():
     ours, theirs = _model(recurrent, "GRU", use_bias=False), _model(keras.layers, "GRU", use_bias=False)
     out, grads = _forward_backward(ours, training=True)

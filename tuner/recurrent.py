@@ -11,7 +11,8 @@ makes three more products (the state's gradient and both weight gradients), each
   the recurrent weights' gradient is a product off that chain, which TensorFlow runs beside it.
 
 LSTM is not here: the same treatment of Keras's LSTM (measured at commit 24756ee, BENCHMARKS.md section 1) trained
-no faster on the benchmark machine (0.90-1.05x an epoch) and traced its train step 0.3-0.4 s longer.
+no faster (0.90-1.05x an epoch on the seventh benchmark machine, 1.00x with step-by-step weight gradients on
+the eighth) and traced its train step 0.3-0.4 s longer.
 
 The layers are subclasses that differ from Keras's only in `inner_loop`, and only in training: the same weights,
 initial values, dropout masks (the cell's own, drawn as Keras draws them) and serialisation, the same function
@@ -50,13 +51,13 @@ def _kernel_gradient(previous, dz):
     return tf.matmul(previous, dz, transpose_a=True)
 
 
-def _sum(terms):
-    """The steps' shares of a gradient, summed in one fixed order.
+def _sum(terms, like):
+    """The steps' shares of a gradient (zeros shaped `like` if there are none), summed in one fixed order.
 
     Not `tf.add_n`: with it, a model and its adversarial wrapper (the same training step in another graph)
     trained to weights that differed in the last bits; TensorFlow's graph optimizer rewrites sums.
     """
-    return tf.reduce_sum(tf.stack(terms), 0)
+    return tf.reduce_sum(tf.stack(terms), 0) if terms else tf.zeros_like(like)
 
 
 def _step_gradients(dy, steps: int, sequences: bool):
@@ -90,7 +91,7 @@ def _simple(xw, recurrent_kernel, sequences: bool):
                 if t:
                     dh = tf.matmul(dz[t], kernel, transpose_b=True)
                     dkernel.append(_kernel_gradient(hs[t - 1], dz[t]))
-            return (*dz, _sum(dkernel))
+            return (*dz, _sum(dkernel, kernel))
 
         return out, grad
 
@@ -134,7 +135,7 @@ def _gru(xw, recurrent_kernel, recurrent_bias, sequences: bool):
                 if t:
                     dh = dh * z + tf.matmul(dinner, kernel, transpose_b=True)
                     dkernel.append(_kernel_gradient(hs[t - 1], dinner))
-            return (*dx, _sum(dkernel), _sum(dbias))
+            return (*dx, _sum(dkernel, kernel), _sum(dbias, rbias))
 
         return out, grad
 
