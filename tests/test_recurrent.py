@@ -81,8 +81,9 @@ def test_a_one_step_sequence(cell):
             loss = tf.reduce_sum(model(x, training=True) ** 2)
         grads.append([g.numpy() for g in tape.gradient(loss, model.trainable_weights)])
     for g, want in zip(*grads, strict=True):
+        assert g.shape == want.shape
         np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-6)
-    assert not np.any(grads[0][1])  # the recurrent kernel's
+    assert grads[0][1].shape == (6, 6) and not np.any(grads[0][1])  # the recurrent kernel's
 
 
 def test_gru_without_bias():
