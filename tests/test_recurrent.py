@@ -83,7 +83,7 @@ def test_a_one_step_sequence(cell):
     for g, want in zip(*grads, strict=True):
         assert g.shape == want.shape
         np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-6)
-    assert grads[0][1].shape == (6, 6) and not np.any(grads[0][1])  # the recurrent kernel's
+    assert grads[0][1].ndim == 2 and not np.any(grads[0][1])  # the recurrent kernel's
 
 
 def test_gru_without_bias():
