@@ -159,10 +159,11 @@ def storage(d: dict) -> str:
     return "\n".join(out)
 
 
-# pruning results: this round's default (steps counted in epochs trained), the median pruner, then the earlier
-# default (Keras's 0-based epoch index as the step) and its experiments
-PRUNING = ("pruning_epochs_seed0", "pruning_epochs_seed1", "pruning_epochs_seed2", "pruning_epochs_seed3",
-           "pruning_epochs_seed4", "pruning_median_seed0",
+# pruning results: the eighth round's default, then the fourth and fifth rounds' default (steps counted in epochs
+# trained), the median pruner, the earlier default (Keras's 0-based epoch index as the step) and its experiments
+PRUNING = ("pruning_round8_seed0", "pruning_round8_seed1", "pruning_round8_seed2", "pruning_round8_seed3",
+           "pruning_round8_seed4", "pruning_epochs_seed0", "pruning_epochs_seed1", "pruning_epochs_seed2",
+           "pruning_epochs_seed3", "pruning_epochs_seed4", "pruning_median_seed0",
            "pruning_median_seed1", "pruning_median_seed2", "pruning_median_seed3", "pruning_median_seed4",
            "pruning_percentile33_seed0", "pruning_percentile33_seed1",
            "pruning_percentile33_seed2", "pruning_rf2_epochs_seed0", "pruning_rf2_epochs_seed1",
