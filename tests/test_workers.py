@@ -344,11 +344,14 @@ def pg(cluster):
 
 
 def test_workers_ride_out_a_database_restart(pg, tmp_path, small_data):
-    lrs = [0.001, 0.01]
+    # enough work left after the first trial for the restart to fall mid-study: with 4 one-epoch cells, a fast
+    # machine finished them all before the database went down
+    lrs = [0.001, 0.003, 0.01, 0.03]
     grid = grid_file(tmp_path, lrs)
     url = pg.url(password="")  # the password comes from TUNER_DB_PASSWORD
     env = worker_env(TUNER_DB_PASSWORD=pg.password, TUNER_DB_WAIT="60")
-    workers = start_workers(2, url, grid, small_data, tmp_path, "--study-name", "restart", "--heartbeat", "1", env=env)
+    extra = ("--study-name", "restart", "--heartbeat", "1", "--epochs", "3")
+    workers = start_workers(2, url, grid, small_data, tmp_path, *extra, env=env)
     done_one = lambda trials: any(t.state == TrialState.COMPLETE for t in trials)  # noqa: E731
     wait_for(done_one, pg.url(), "restart", "a first complete trial", workers)
     pg.stop()
