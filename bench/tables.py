@@ -83,11 +83,20 @@ def memory(d: dict) -> str:
     m = d["memory"]
     out.append("RSS after each trial (MiB): " + ", ".join(f"{t['rss_mib']:.0f}" for t in m["trials"]))
     out.append("")
-    out.append("Peak RSS (VmHWM) after each trial (MiB): " + ", ".join(f"{t['peak_rss_mib']:.0f}" for t in m["trials"]))
+    since = ", since the memory run began" if "peak_per_trial" in m else " (the process's, since it started)"
+    out.append(f"Peak RSS (VmHWM) after each trial{since} (MiB): "
+               + ", ".join(f"{t['peak_rss_mib']:.0f}" for t in m["trials"]))  # fmt: skip
     out.append("")
+    if m.get("peak_per_trial"):
+        peaks = ", ".join(f"{t['trial_peak_rss_mib']:.0f}" for t in m["trials"])
+        out.append(f"Peak RSS during each trial (MiB): {peaks}")
+        out.append("")
     out.append(f"RSS slope over the second half: {m['rss_slope_second_half_mib_per_trial']:+.1f} MiB/trial; "
                f"peak {m['peak_first_half_mib']:.0f} MiB after the first half, {m['peak_last_mib']:.0f} MiB after "
                f"the last trial.")  # fmt: skip
+    if m.get("peak_per_trial"):
+        out[-1] += (f" Each trial's own peak: slope over the second half "
+                    f"{m['trial_peak_slope_second_half_mib_per_trial']:+.1f} MiB/trial.")  # fmt: skip
     return "\n".join(out)
 
 
@@ -159,11 +168,12 @@ def storage(d: dict) -> str:
     return "\n".join(out)
 
 
-# pruning results: the eighth round's default, then the fourth and fifth rounds' default (steps counted in epochs
-# trained), the median pruner, the earlier default (Keras's 0-based epoch index as the step) and its experiments
-PRUNING = ("pruning_round8_seed0", "pruning_round8_seed1", "pruning_round8_seed2", "pruning_round8_seed3",
-           "pruning_round8_seed4", "pruning_epochs_seed0", "pruning_epochs_seed1", "pruning_epochs_seed2",
-           "pruning_epochs_seed3", "pruning_epochs_seed4", "pruning_median_seed0",
+# pruning results: the ninth round's check of the default, the eighth round's default, then the fourth and fifth
+# rounds' default (steps counted in epochs trained), the median pruner, the earlier default (Keras's 0-based epoch
+# index as the step) and its experiments
+PRUNING = ("pruning_round9_seed0", "pruning_round8_seed0", "pruning_round8_seed1", "pruning_round8_seed2",
+           "pruning_round8_seed3", "pruning_round8_seed4", "pruning_epochs_seed0", "pruning_epochs_seed1",
+           "pruning_epochs_seed2", "pruning_epochs_seed3", "pruning_epochs_seed4", "pruning_median_seed0",
            "pruning_median_seed1", "pruning_median_seed2", "pruning_median_seed3", "pruning_median_seed4",
            "pruning_percentile33_seed0", "pruning_percentile33_seed1",
            "pruning_percentile33_seed2", "pruning_rf2_epochs_seed0", "pruning_rf2_epochs_seed1",
@@ -174,9 +184,10 @@ PRUNING = ("pruning_round8_seed0", "pruning_round8_seed1", "pruning_round8_seed2
 def machine(folder: Path) -> str:
     out = ["| benchmark | CPU | cores | memory GiB | TensorFlow | Keras | Optuna | load average (1 min) at start |",
            "|---|---|---:|---:|---|---|---|---:|"]  # fmt: skip
-    names = ("train_speed_goal_round8.machine", "fused_rnn_onekernelgrad_round8", "fused_rnn_round8",
-             "fused_rnn_simplernn_round8", "step_products_round8", "trial_overhead_round8", "storage_round8",
-             "vs_kerastuner_round8",
+    names = ("train_speed_goal_round9.machine", "fused_rnn_round9", "step_products_round9", "trial_overhead_round9",
+             "trial_memory40_round9", "storage_round9", "vs_kerastuner_round9", "train_speed_goal_round8.machine",
+             "fused_rnn_onekernelgrad_round8", "fused_rnn_round8", "fused_rnn_simplernn_round8",
+             "step_products_round8", "trial_overhead_round8", "storage_round8", "vs_kerastuner_round8",
              "train_speed.machine", "train_speed_fused.machine", "train_speed_goal.machine",
              "train_speed_goal_xeon.machine", "train_speed_xeon.machine", "fused_rnn_first", "fused_rnn",
              "fused_rnn_simplernn", "fused_rnn_gru", "step_products", "trial_overhead", "trial_overhead_xeon", *PRUNING,
@@ -195,7 +206,11 @@ def machine(folder: Path) -> str:
 def main() -> None:
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).with_name("results"))
     print(f"### machine\n\n{machine(folder)}\n")
-    for name, fn in (("train_speed_goal_round8", train_speed), ("fused_rnn_onekernelgrad_round8", fused_rnn),
+    for name, fn in (("train_speed_goal_round9", train_speed), ("fused_rnn_round9", fused_rnn),
+                     ("step_products_round9", step_products), ("trial_overhead_round9", trial_overhead),
+                     ("trial_memory40_round9", trial_overhead), ("storage_round9", storage),
+                     ("vs_kerastuner_round9", vs_kerastuner), ("train_speed_goal_round8", train_speed),
+                     ("fused_rnn_onekernelgrad_round8", fused_rnn),
                      ("fused_rnn_round8", fused_rnn), ("fused_rnn_simplernn_round8", fused_rnn),
                      ("step_products_round8", step_products), ("trial_overhead_round8", trial_overhead),
                      ("storage_round8", storage), ("vs_kerastuner_round8", vs_kerastuner),

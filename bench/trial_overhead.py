@@ -17,7 +17,9 @@ mean of the later epochs is reported as tracing, and counted as overhead in the 
 
 Memory: 20 consecutive trials of a small search (random sampler, no pruner, SimpleRNN/LSTM/GRU of different
 sizes, 1,200 images, 2 epochs) in one worker, again through `run_study`; the worker's resident set (VmRSS)
-and its peak (VmHWM) are read after every trial.
+and its peak (VmHWM) are read after every trial. The kernel's peak is reset (`/proc/self/clear_refs`) before
+the first trial and after each reading, so each trial's peak is its own: not the 5-epoch trials' that ran
+before in the same process, nor an earlier trial's.
 """
 
 from __future__ import annotations
@@ -166,6 +168,23 @@ def overhead(tmp: Path, cells: list[str], units: int, batch_size: int, epochs: i
     return rows
 
 
+def _reset_peak() -> bool:
+    """Reset this process's VmHWM to its current RSS (Linux 4.0 and later). Returns whether it could."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _slope(values: list[float]) -> float:
+    """Least-squares slope of the second half of `values`, per step."""
+    half = len(values) // 2
+    xs = list(range(half, len(values)))
+    return statistics.linear_regression(xs, values[half:]).slope if len(xs) >= 2 else float("nan")
+
+
 def memory(tmp: Path, trials: int, subset: int, epochs: int) -> dict:
     from tuner import runner
 
@@ -173,11 +192,16 @@ def memory(tmp: Path, trials: int, subset: int, epochs: int) -> dict:
     study_file.write_text(SEARCH.format(subset=subset, epochs=epochs))
     rows = []
     original_end = runner._Display.end
+    per_trial = _reset_peak()  # else VmHWM is the process's peak so far, which may predate this run
 
     def end(self, frozen) -> None:  # the display's end-of-trial hook: read this worker's memory there
         original_end(self, frozen)
+        peak = _status("VmHWM")
+        running = max([peak, *(r["peak_rss_mib"] for r in rows)])
         rows.append({"trial": frozen.number, "state": frozen.state.name, "params": frozen.params,
-                     "rss_mib": _status("VmRSS"), "peak_rss_mib": _status("VmHWM")})  # fmt: skip
+                     "rss_mib": _status("VmRSS"), "trial_peak_rss_mib": peak if per_trial else None,
+                     "peak_rss_mib": running})  # fmt: skip
+        _reset_peak()
 
     runner._Display.end = end
     try:
@@ -186,17 +210,20 @@ def memory(tmp: Path, trials: int, subset: int, epochs: int) -> dict:
         runner._Display.end = original_end
     rss = [r["rss_mib"] for r in rows]
     half = len(rss) // 2
-    n = len(rss)
-    xs = list(range(n))
-    slope = statistics.linear_regression(xs[half:], rss[half:]).slope if n - half >= 2 else float("nan")
-    return {
+    out = {
         "trials": rows,
+        "peak_per_trial": per_trial,
         "rss_first_mib": rss[0],
         "rss_last_mib": rss[-1],
         "peak_first_half_mib": max(r["peak_rss_mib"] for r in rows[:half]),
         "peak_last_mib": rows[-1]["peak_rss_mib"],
-        "rss_slope_second_half_mib_per_trial": slope,
+        "rss_slope_second_half_mib_per_trial": _slope(rss),
     }
+    if per_trial:
+        peaks = [r["trial_peak_rss_mib"] for r in rows]
+        out["trial_peak_slope_second_half_mib_per_trial"] = _slope(peaks)
+        out["trial_peak_second_half_max_mib"] = max(peaks[half:])
+    return out
 
 
 def _env() -> dict:
@@ -238,11 +265,17 @@ def main() -> None:
                      epochs=1 if args.quick else 2)  # fmt: skip
     out["memory"] = mem
     print("RSS after each trial (MiB): " + " ".join(f"{r['rss_mib']:.0f}" for r in mem["trials"]))
-    print("peak RSS after each trial (MiB): " + " ".join(f"{r['peak_rss_mib']:.0f}" for r in mem["trials"]))
+    print("peak RSS after each trial, since the run began (MiB): "
+          + " ".join(f"{r['peak_rss_mib']:.0f}" for r in mem["trials"]))  # fmt: skip
+    if mem["peak_per_trial"]:
+        print("peak RSS during each trial (MiB): " + " ".join(f"{r['trial_peak_rss_mib']:.0f}" for r in mem["trials"]))
     print(
         f"RSS slope over the second half: {mem['rss_slope_second_half_mib_per_trial']:+.1f} MiB/trial; peak "
         f"{mem['peak_first_half_mib']:.0f} MiB after the first half, {mem['peak_last_mib']:.0f} MiB at the end"
     )
+    if mem["peak_per_trial"]:
+        print(f"each trial's own peak, slope over the second half: "
+              f"{mem['trial_peak_slope_second_half_mib_per_trial']:+.1f} MiB/trial")  # fmt: skip
     benchlib.write_json(args.json, out)
 
 
