@@ -97,6 +97,12 @@ def memory(d: dict) -> str:
     if m.get("peak_per_trial"):
         out[-1] += (f" Each trial's own peak: slope over the second half "
                     f"{m['trial_peak_slope_second_half_mib_per_trial']:+.1f} MiB/trial.")  # fmt: skip
+    if rep := m.get("repeat"):
+        growth = ", ".join(f"{g:+.0f}" for g in rep["growth_mib"])
+        out += ["", f"The second pass (the first pass's models again, in order) against the first, model for model "
+                f"(MiB): {growth}; mean {rep['mean_growth_mib']:+.1f}, largest {rep['max_growth_mib']:+.0f}; highest "
+                f"{rep['peak_first_pass_mib']:.0f} MiB in the first pass, {rep['peak_second_pass_mib']:.0f} in the "
+                "second."]  # fmt: skip
     return "\n".join(out)
 
 

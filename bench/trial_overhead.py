@@ -16,10 +16,12 @@ writes) is what remains. The first epoch includes tracing the train step (on a b
 mean of the later epochs is reported as tracing, and counted as overhead in the strict share.
 
 Memory: 20 consecutive trials of a small search (random sampler, no pruner, SimpleRNN/LSTM/GRU of different
-sizes, 1,200 images, 2 epochs) in one worker, again through `run_study`; the worker's resident set (VmRSS)
-and its peak (VmHWM) are read after every trial. The kernel's peak is reset (`/proc/self/clear_refs`) before
-the first trial and after each reading, so each trial's peak is its own: not the 5-epoch trials' that ran
-before in the same process, nor an earlier trial's.
+sizes, 1,200 images, 2 epochs) in one worker, again through `run_study`, then the same 20 models again in the
+same order (queued into the study when the 20th ends), so that the second pass's peaks compare with the first's
+model for model: a trial's peak depends on its model, and a random sequence draws its largest ones anywhere.
+The worker's resident set (VmRSS) and its peak (VmHWM) are read after every trial. The kernel's peak is reset
+(`/proc/self/clear_refs`) before the first trial and after each reading, so each trial's peak is its own: not
+the 5-epoch trials' that ran before in the same process, nor an earlier trial's.
 """
 
 from __future__ import annotations
@@ -185,11 +187,14 @@ def _slope(values: list[float]) -> float:
     return statistics.linear_regression(xs, values[half:]).slope if len(xs) >= 2 else float("nan")
 
 
-def memory(tmp: Path, trials: int, subset: int, epochs: int) -> dict:
+def memory(tmp: Path, trials: int, subset: int, epochs: int, repeat: bool = True) -> dict:
+    import optuna
+
     from tuner import runner
 
     study_file = tmp / "memory.toml"
     study_file.write_text(SEARCH.format(subset=subset, epochs=epochs))
+    url = f"sqlite:///{tmp}/memory.db"
     rows = []
     original_end = runner._Display.end
     per_trial = _reset_peak()  # else VmHWM is the process's peak so far, which may predate this run
@@ -201,11 +206,16 @@ def memory(tmp: Path, trials: int, subset: int, epochs: int) -> dict:
         rows.append({"trial": frozen.number, "state": frozen.state.name, "params": frozen.params,
                      "rss_mib": _status("VmRSS"), "trial_peak_rss_mib": peak if per_trial else None,
                      "peak_rss_mib": running})  # fmt: skip
+        if repeat and len(rows) == trials:  # the second pass: the same models, in the same order
+            study = optuna.load_study(study_name="memory", storage=url)
+            for r in rows:
+                study.enqueue_trial(r["params"])
         _reset_peak()
 
     runner._Display.end = end
     try:
-        runner.run_study(str(study_file), kind="search", storage=f"sqlite:///{tmp}/memory.db", n_trials=trials)
+        runner.run_study(str(study_file), kind="search", storage=url, n_trials=2 * trials if repeat else trials,
+                         study_name="memory")  # fmt: skip
     finally:
         runner._Display.end = original_end
     rss = [r["rss_mib"] for r in rows]
@@ -223,6 +233,12 @@ def memory(tmp: Path, trials: int, subset: int, epochs: int) -> dict:
         peaks = [r["trial_peak_rss_mib"] for r in rows]
         out["trial_peak_slope_second_half_mib_per_trial"] = _slope(peaks)
         out["trial_peak_second_half_max_mib"] = max(peaks[half:])
+    if repeat and len(rows) == 2 * trials and all(a["params"] == b["params"] for a, b in zip(rows, rows[trials:])):
+        key = "trial_peak_rss_mib" if per_trial else "rss_mib"
+        growth = [b[key] - a[key] for a, b in zip(rows, rows[trials:])]
+        out["repeat"] = {"measure": key, "growth_mib": growth, "mean_growth_mib": statistics.mean(growth),
+                         "max_growth_mib": max(growth), "peak_first_pass_mib": max(r[key] for r in rows[:trials]),
+                         "peak_second_pass_mib": max(r[key] for r in rows[trials:])}  # fmt: skip
     return out
 
 
@@ -235,9 +251,9 @@ def _env() -> dict:
 
 def main() -> None:
     p = benchlib.parser(__doc__.split("\n\n")[0])
-    p.add_argument("--memory-only", action="store_true", help="only the 20-trial memory run")
+    p.add_argument("--memory-only", action="store_true", help="only the memory run (20 trials, then them again)")
     p.add_argument("--overhead-only", action="store_true", help="only the four 5-epoch trials")
-    p.add_argument("--memory-trials", type=int, default=20, help="trials of the memory run (20)")
+    p.add_argument("--memory-trials", type=int, default=20, help="trials of the memory run's first pass (20)")
     args = p.parse_args()
     benchlib.quiet_tf()
     machine = benchlib.machine()
@@ -276,6 +292,12 @@ def main() -> None:
     if mem["peak_per_trial"]:
         print(f"each trial's own peak, slope over the second half: "
               f"{mem['trial_peak_slope_second_half_mib_per_trial']:+.1f} MiB/trial")  # fmt: skip
+    if rep := mem.get("repeat"):
+        print(f"the same models again ({rep['measure']}): growth over the first pass, model for model (MiB): "
+              + " ".join(f"{g:+.0f}" for g in rep["growth_mib"])
+              + f"; mean {rep['mean_growth_mib']:+.1f}, largest {rep['max_growth_mib']:+.0f}; highest "
+              f"{rep['peak_first_pass_mib']:.0f} MiB in the first pass, "
+              f"{rep['peak_second_pass_mib']:.0f} in the second")  # fmt: skip
     benchlib.write_json(args.json, out)
 
 
