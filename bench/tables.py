@@ -38,9 +38,10 @@ def trial_overhead(d: dict) -> str:
                    f"{r['overhead_s']:.2f} s = {100 * r['overhead_share']:.1f}% | {r['first_epoch_tracing_s']:.2f} s "
                    f"-> {100 * r['overhead_share_strict']:.1f}% | {r['build_compile_s']:.2f} | {r['fit_setup_s']:.2f} "
                    f"| {r['test_evaluation_s']:.2f} | {r['other_s']:.2f} |")  # fmt: skip
+    if not d["overhead"]:  # a memory-only run
+        out = []
     if d.get("memory"):
-        out.append("")
-        out.append(memory(d))
+        out += ["", memory(d)] if out else [memory(d)]
     return "\n".join(out)
 
 
@@ -191,7 +192,9 @@ def machine(folder: Path) -> str:
     out = ["| benchmark | CPU | cores | memory GiB | TensorFlow | Keras | Optuna | load average (1 min) at start |",
            "|---|---|---:|---:|---|---|---|---:|"]  # fmt: skip
     names = ("train_speed_goal_round9.machine", "fused_rnn_round9", "step_products_round9", "trial_overhead_round9",
-             "trial_memory40_round9", "storage_round9", "vs_kerastuner_round9", "train_speed_goal_round8.machine",
+             "trial_overhead_round9b", "trial_memory_round9", "trial_memory40x2_round9", "trial_memory100x2_round9",
+             "trial_memory40_round9",
+             "trial_memory40_round9b", "storage_round9", "vs_kerastuner_round9", "train_speed_goal_round8.machine",
              "fused_rnn_onekernelgrad_round8", "fused_rnn_round8", "fused_rnn_simplernn_round8",
              "step_products_round8", "trial_overhead_round8", "storage_round8", "vs_kerastuner_round8",
              "train_speed.machine", "train_speed_fused.machine", "train_speed_goal.machine",
@@ -214,7 +217,10 @@ def main() -> None:
     print(f"### machine\n\n{machine(folder)}\n")
     for name, fn in (("train_speed_goal_round9", train_speed), ("fused_rnn_round9", fused_rnn),
                      ("step_products_round9", step_products), ("trial_overhead_round9", trial_overhead),
-                     ("trial_memory40_round9", trial_overhead), ("storage_round9", storage),
+                     ("trial_overhead_round9b", trial_overhead), ("trial_memory_round9", trial_overhead),
+                     ("trial_memory40x2_round9", trial_overhead), ("trial_memory100x2_round9", trial_overhead),
+                     ("trial_memory40_round9", trial_overhead),
+                     ("trial_memory40_round9b", trial_overhead), ("storage_round9", storage),
                      ("vs_kerastuner_round9", vs_kerastuner), ("train_speed_goal_round8", train_speed),
                      ("fused_rnn_onekernelgrad_round8", fused_rnn),
                      ("fused_rnn_round8", fused_rnn), ("fused_rnn_simplernn_round8", fused_rnn),
