@@ -178,7 +178,8 @@ def storage(d: dict) -> str:
 # pruning results: the ninth round's check of the default, the eighth round's default, then the fourth and fifth
 # rounds' default (steps counted in epochs trained), the median pruner, the earlier default (Keras's 0-based epoch
 # index as the step) and its experiments
-PRUNING = ("pruning_round9_seed0", "pruning_round8_seed0", "pruning_round8_seed1", "pruning_round8_seed2",
+PRUNING = ("pruning_round9_seed0", "pruning_round9_seed1", "pruning_round9_seed2", "pruning_round9_seed3",
+           "pruning_round9_seed4", "pruning_round8_seed0", "pruning_round8_seed1", "pruning_round8_seed2",
            "pruning_round8_seed3", "pruning_round8_seed4", "pruning_epochs_seed0", "pruning_epochs_seed1",
            "pruning_epochs_seed2", "pruning_epochs_seed3", "pruning_epochs_seed4", "pruning_median_seed0",
            "pruning_median_seed1", "pruning_median_seed2", "pruning_median_seed3", "pruning_median_seed4",
