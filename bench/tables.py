@@ -192,7 +192,8 @@ PRUNING = ("pruning_round9_seed0", "pruning_round9_seed1", "pruning_round9_seed2
 def machine(folder: Path) -> str:
     out = ["| benchmark | CPU | cores | memory GiB | TensorFlow | Keras | Optuna | load average (1 min) at start |",
            "|---|---|---:|---:|---|---|---|---:|"]  # fmt: skip
-    names = ("train_speed_goal_round9.machine", "fused_rnn_round9", "step_products_round9", "trial_overhead_round9",
+    names = ("train_speed_goal_round9.machine", "train_speed_goal_round9b.machine", "fused_rnn_round9",
+             "step_products_round9", "trial_overhead_round9",
              "trial_overhead_round9b", "trial_memory_round9", "trial_memory40x2_round9", "trial_memory100x2_round9",
              "trial_memory40_round9",
              "trial_memory40_round9b", "storage_round9", "vs_kerastuner_round9", "train_speed_goal_round8.machine",
@@ -216,7 +217,8 @@ def machine(folder: Path) -> str:
 def main() -> None:
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).with_name("results"))
     print(f"### machine\n\n{machine(folder)}\n")
-    for name, fn in (("train_speed_goal_round9", train_speed), ("fused_rnn_round9", fused_rnn),
+    for name, fn in (("train_speed_goal_round9", train_speed), ("train_speed_goal_round9b", train_speed),
+                     ("fused_rnn_round9", fused_rnn),
                      ("step_products_round9", step_products), ("trial_overhead_round9", trial_overhead),
                      ("trial_overhead_round9b", trial_overhead), ("trial_memory_round9", trial_overhead),
                      ("trial_memory40x2_round9", trial_overhead), ("trial_memory100x2_round9", trial_overhead),
