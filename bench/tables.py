@@ -189,26 +189,36 @@ PRUNING = ("pruning_round9_seed0", "pruning_round9_seed1", "pruning_round9_seed2
            "pruning_rf4_seed0", "pruning_rf4_seed1")  # fmt: skip
 
 
+# every results file, newest round first, with the function that prints its table
+RESULTS = (("train_speed_goal_round9", train_speed), ("train_speed_goal_round9b", train_speed),
+           ("fused_rnn_round9", fused_rnn), ("step_products_round9", step_products),
+           ("trial_overhead_round9", trial_overhead), ("trial_overhead_round9b", trial_overhead),
+           ("trial_memory_round9", trial_overhead), ("trial_memory40x2_round9", trial_overhead),
+           ("trial_memory100x2_round9", trial_overhead), ("trial_memory40_round9", trial_overhead),
+           ("trial_memory40_round9b", trial_overhead), ("storage_round9", storage),
+           ("vs_kerastuner_round9", vs_kerastuner), ("train_speed_goal_round8", train_speed),
+           ("fused_rnn_onekernelgrad_round8", fused_rnn), ("fused_rnn_round8", fused_rnn),
+           ("fused_rnn_simplernn_round8", fused_rnn), ("step_products_round8", step_products),
+           ("trial_overhead_round8", trial_overhead), ("storage_round8", storage),
+           ("vs_kerastuner_round8", vs_kerastuner), ("train_speed", train_speed), ("train_speed_xla_full", train_speed),
+           ("train_speed_fused", train_speed), ("train_speed_goal", train_speed),
+           ("train_speed_goal_xeon", train_speed), ("train_speed_xeon", train_speed), ("fused_rnn_first", fused_rnn),
+           ("fused_rnn", fused_rnn),
+           ("fused_rnn_simplernn", fused_rnn), ("fused_rnn_gru", fused_rnn), ("step_products", step_products),
+           ("trial_overhead", trial_overhead), ("trial_overhead_xeon", trial_overhead),
+           *((name, pruning) for name in PRUNING), ("vs_kerastuner", vs_kerastuner), ("storage", storage),
+           ("storage_xeon", storage), ("storage_workers", storage))  # fmt: skip
+
+
 def machine(folder: Path) -> str:
     out = ["| benchmark | CPU | cores | memory GiB | TensorFlow | Keras | Optuna | load average (1 min) at start |",
            "|---|---|---:|---:|---|---|---|---:|"]  # fmt: skip
-    names = ("train_speed_goal_round9.machine", "train_speed_goal_round9b.machine", "fused_rnn_round9",
-             "step_products_round9", "trial_overhead_round9",
-             "trial_overhead_round9b", "trial_memory_round9", "trial_memory40x2_round9", "trial_memory100x2_round9",
-             "trial_memory40_round9",
-             "trial_memory40_round9b", "storage_round9", "vs_kerastuner_round9", "train_speed_goal_round8.machine",
-             "fused_rnn_onekernelgrad_round8", "fused_rnn_round8", "fused_rnn_simplernn_round8",
-             "step_products_round8", "trial_overhead_round8", "storage_round8", "vs_kerastuner_round8",
-             "train_speed.machine", "train_speed_fused.machine", "train_speed_goal.machine",
-             "train_speed_goal_xeon.machine", "train_speed_xeon.machine", "fused_rnn_first", "fused_rnn",
-             "fused_rnn_simplernn", "fused_rnn_gru", "step_products", "trial_overhead", "trial_overhead_xeon", *PRUNING,
-             "vs_kerastuner", "storage", "storage_xeon", "storage_workers")  # fmt: skip
-    for name in names:
-        d = _load(folder, name)
+    for name, fn in RESULTS:
+        d = _load(folder, f"{name}.machine" if fn is train_speed else name)  # train_speed keeps it beside its rows
         if d is None:
             continue
         m = d.get("machine", d)
-        out.append(f"| {name.split('.')[0]} | {m.get('cpu')} | {m.get('cores')} | {m.get('memory_gib')} "
+        out.append(f"| {name} | {m.get('cpu')} | {m.get('cores')} | {m.get('memory_gib')} "
                    f"| {m.get('tensorflow')} | {m.get('keras')} | {m.get('optuna')} "
                    f"| {m.get('load_average_1min'):.1f} |")  # fmt: skip
     return "\n".join(out)
@@ -217,27 +227,7 @@ def machine(folder: Path) -> str:
 def main() -> None:
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).with_name("results"))
     print(f"### machine\n\n{machine(folder)}\n")
-    for name, fn in (("train_speed_goal_round9", train_speed), ("train_speed_goal_round9b", train_speed),
-                     ("fused_rnn_round9", fused_rnn),
-                     ("step_products_round9", step_products), ("trial_overhead_round9", trial_overhead),
-                     ("trial_overhead_round9b", trial_overhead), ("trial_memory_round9", trial_overhead),
-                     ("trial_memory40x2_round9", trial_overhead), ("trial_memory100x2_round9", trial_overhead),
-                     ("trial_memory40_round9", trial_overhead),
-                     ("trial_memory40_round9b", trial_overhead), ("storage_round9", storage),
-                     ("vs_kerastuner_round9", vs_kerastuner), ("train_speed_goal_round8", train_speed),
-                     ("fused_rnn_onekernelgrad_round8", fused_rnn),
-                     ("fused_rnn_round8", fused_rnn), ("fused_rnn_simplernn_round8", fused_rnn),
-                     ("step_products_round8", step_products), ("trial_overhead_round8", trial_overhead),
-                     ("storage_round8", storage), ("vs_kerastuner_round8", vs_kerastuner),
-                     ("train_speed", train_speed), ("train_speed_xla_full", train_speed),
-                     ("train_speed_fused", train_speed), ("train_speed_goal", train_speed),
-                     ("train_speed_goal_xeon", train_speed),
-                     ("train_speed_xeon", train_speed), ("fused_rnn_first", fused_rnn),
-                     ("fused_rnn", fused_rnn), ("fused_rnn_simplernn", fused_rnn),
-                     ("fused_rnn_gru", fused_rnn), ("step_products", step_products),
-                     ("trial_overhead", trial_overhead), ("trial_overhead_xeon", trial_overhead),
-                     *((name, pruning) for name in PRUNING), ("vs_kerastuner", vs_kerastuner),
-                     ("storage", storage), ("storage_xeon", storage), ("storage_workers", storage)):  # fmt: skip
+    for name, fn in RESULTS:
         d = _load(folder, name)
         if d is not None:
             print(f"### {name}\n\n{fn(d)}\n")
