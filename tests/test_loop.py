@@ -6,6 +6,7 @@ MariaDB (tests/dbservers.py: nothing skips)."""
 from __future__ import annotations
 
 import math
+import signal
 import time
 
 import dbservers
@@ -359,3 +360,32 @@ def test_a_process_freezes_what_it_holds_once_when_it_first_runs_trials(url, mon
         studies.run_trials(study, url, lambda trial: trial.suggest_float("x", 0, 1), new_trials_left=left, done=done)
         assert len(fresh(url).get_all_trials(study._study_id)) == 2
     assert len(frozen) == 1
+
+
+def test_an_interrupt_that_comes_out_as_another_error_hands_the_trial_back(url):
+    """Raised inside C code, Ctrl-C or SIGTERM can come out of the objective as another error (a worker stopped
+    while it trained failed its trial with `SystemError: ... bad argument to internal function`, and the
+    cell was not re-run). With a stop pending, the trial is handed back and the worker stops; the same error
+    with no stop pending fails the trial and the worker goes on."""
+    study = new_study(url)
+    left, done = studies.search_budget(3)
+
+    def objective(trial):
+        trial.suggest_float("x", -1, 1)
+        if trial.number == 0:
+            raise SystemError("bad argument to internal function")
+        try:
+            signal.raise_signal(signal.SIGINT)  # Python's own handler: KeyboardInterrupt, here
+        except KeyboardInterrupt as exc:
+            raise SystemError("bad argument to internal function") from exc
+        return 0.0
+
+    with pytest.raises(KeyboardInterrupt):
+        studies.run_trials(study, url, objective, new_trials_left=left, done=done)
+    first, handed, queued = fresh(url).get_all_trials(study._study_id)
+    assert first.state == TrialState.FAIL and "SystemError" in first.user_attrs["error"]
+    assert "interrupted" not in first.user_attrs
+    assert handed.state == TrialState.FAIL and handed.user_attrs["interrupted"] == "interrupted"
+    assert "error" not in handed.user_attrs
+    assert queued.state == TrialState.WAITING
+    assert queued.system_attrs["failed_trial"] == handed.number and queued.params == handed.params

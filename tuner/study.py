@@ -400,7 +400,10 @@ class StopRequest:
     Python raises KeyboardInterrupt wherever the main thread happens to be, and when that is inside a garbage
     collector callback (SQLAlchemy and TensorFlow have many) the exception is printed and dropped: the worker
     would train on as if nothing was asked. So the signal is also noted here; the loop checks the note between
-    steps, and the heartbeat thread raises KeyboardInterrupt in the main thread again if it was lost.
+    steps, and the heartbeat thread raises KeyboardInterrupt in the main thread again if it was lost. Raised
+    inside C code that calls back into Python, it can also come out as another error (SystemError: "bad
+    argument to internal function", seen in a worker stopped while it trained): so when an error ends a trial
+    while a stop is pending, the loop hands the trial back instead of failing it.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -430,9 +433,13 @@ class StopRequest:
         self.at, self.signum = time.monotonic(), signum
         self._previous[signum](signum, frame)
 
+    def pending(self) -> bool:
+        """A stop was asked for and not acted on yet."""
+        return self.at is not None and not self.handled
+
     def check(self) -> None:
         """Raise KeyboardInterrupt if a stop was asked for and not acted on yet."""
-        if self.at is not None and not self.handled:
+        if self.pending():
             self.handled = True
             raise KeyboardInterrupt
 
@@ -783,7 +790,12 @@ class _Loop:
                 raise
             except storages.DatabaseUnavailable:
                 raise
-            except Exception as exc:  # a failing trial is recorded and the worker goes on to the next
+            except Exception as exc:
+                if self.stop.pending():  # the interrupt, turned into another error on its way out
+                    self.stop.handled = True
+                    hand_back(self.study, trial, "interrupted", self.url)
+                    raise KeyboardInterrupt from exc
+                # a failing trial is recorded and the worker goes on to the next
                 outcome = {"state": TrialState.FAIL, "error": f"{exc.__class__.__name__}: {exc}"[:2000]}
             frozen, lost = _finish(self.study, trial, self.url, self.wait_s, **outcome)
         if lost:
