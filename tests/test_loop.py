@@ -362,6 +362,31 @@ def test_a_process_freezes_what_it_holds_once_when_it_first_runs_trials(url, mon
     assert len(frozen) == 1
 
 
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("where", ["opening the claimed trial", "the progress display", "the objective"])
+def test_ctrl_c_anywhere_between_claiming_a_trial_and_storing_its_outcome_hands_it_back(url, monkeypatch, where):
+    """Not only in the objective: a trial taken and not yet told is failed and queued again at once, not left
+    RUNNING until its heartbeat goes stale (or for ever, on a storage without heartbeats, as here)."""
+    study = new_study(url)
+    left, done = studies.search_budget(3)
+    progress = studies.Progress()
+    if where == "opening the claimed trial":
+        monkeypatch.setattr(studies.optuna, "Trial", _interrupt)
+    elif where == "the progress display":
+        progress.on_trial_start = _interrupt
+    with pytest.raises(KeyboardInterrupt):
+        studies.run_trials(
+            study, url, lambda t: _interrupt(t.suggest_float("x", -1, 1)), new_trials_left=left, done=done,
+            progress=progress,
+        )  # fmt: skip
+    handed, queued = fresh(url).get_all_trials(study._study_id)
+    assert handed.state == TrialState.FAIL and handed.user_attrs["interrupted"] == "interrupted"
+    assert queued.state == TrialState.WAITING and queued.system_attrs["failed_trial"] == handed.number
+
+
 def test_an_interrupt_that_comes_out_as_another_error_hands_the_trial_back(url):
     """Raised inside C code, Ctrl-C or SIGTERM can come out of the objective as another error (a worker stopped
     while it trained failed its trial with `SystemError: ... bad argument to internal function`, and the

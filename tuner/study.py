@@ -305,7 +305,11 @@ def _open_trial(study: optuna.Study, trial_id: int, url: URL) -> optuna.Trial:
         study._thread_local.cached_all_trials = None  # as Study.ask does
         return optuna.Trial(study, trial_id)
 
-    return storages.retrying(start, url, _db_wait(study._storage))
+    try:
+        return storages.retrying(start, url, _db_wait(study._storage))
+    except KeyboardInterrupt:  # taken, not run yet: handed back as if it had started
+        hand_back(study, trial_id, "interrupted", url)
+        raise
 
 
 def _counts(study: optuna.Study) -> dict[TrialState, int]:
@@ -619,15 +623,19 @@ class Progress:
     on_wait: Callable[[int], None] = lambda running: None
 
 
-def hand_back(study: optuna.Study, trial: optuna.Trial, reason: str, url: URL | None = None) -> None:
-    """Fail the trial and queue its parameters again, as for a trial whose worker died. One attempt: this
-    runs on the way out (Ctrl-C, SIGTERM); if the database is down, the heartbeat timeout does it later."""
+def hand_back(
+    study: optuna.Study, trial_id: int, reason: str, url: URL | None = None, *, number: int | None = None
+) -> None:
+    """Fail the trial, if it is still running, and queue its parameters again, as for a trial whose worker
+    died. One attempt: this runs on the way out (Ctrl-C, SIGTERM); if the database is down, the heartbeat
+    timeout does it later."""
     url = url or storages.backend(study).tuner_url
     try:
         with storages.study_lock(url, _claim_lock(study)):
-            fail_and_requeue(study, trial._trial_id, reason)
+            fail_and_requeue(study, trial_id, reason)
     except Exception as exc:  # best effort, on the way out
-        _log.warning("could not hand trial %d back (%s): it is re-run once its heartbeat is stale", trial.number, exc)
+        which = f"trial {number}" if number is not None else f"the trial with id {trial_id}"
+        _log.warning("could not hand %s back (%s): it is re-run once its heartbeat is stale", which, exc)
 
 
 def _finish(study: optuna.Study, trial: optuna.Trial, url: URL, wait_s: float, **tell) -> tuple[FrozenTrial, bool]:
@@ -774,30 +782,29 @@ class _Loop:
 
     def run_one(self, trial: optuna.Trial) -> None:
         """Run one claimed trial and store its outcome; on Ctrl-C or SIGTERM, hand it back and re-raise."""
-        self.progress.on_trial_start(trial)
-        with heartbeat(self.study, trial._trial_id, self.stop, self.beater):  # until the result is stored
-            try:
-                self.stop.armed = True  # from here the heartbeat thread re-raises a lost interrupt
+        try:
+            self.progress.on_trial_start(trial)
+            with heartbeat(self.study, trial._trial_id, self.stop, self.beater):  # until the result is stored
                 try:
-                    outcome: dict = {"values": self.objective(trial)}
-                finally:
-                    self.stop.armed = False
-            except optuna.TrialPruned:
-                outcome = {"state": TrialState.PRUNED}
-            except KeyboardInterrupt:
-                self.stop.handled = True
-                hand_back(self.study, trial, "interrupted", self.url)
-                raise
-            except storages.DatabaseUnavailable:
-                raise
-            except Exception as exc:
-                if self.stop.pending():  # the interrupt, turned into another error on its way out
-                    self.stop.handled = True
-                    hand_back(self.study, trial, "interrupted", self.url)
-                    raise KeyboardInterrupt from exc
-                # a failing trial is recorded and the worker goes on to the next
-                outcome = {"state": TrialState.FAIL, "error": f"{exc.__class__.__name__}: {exc}"[:2000]}
-            frozen, lost = _finish(self.study, trial, self.url, self.wait_s, **outcome)
+                    self.stop.armed = True  # from here the heartbeat thread re-raises a lost interrupt
+                    try:
+                        outcome: dict = {"values": self.objective(trial)}
+                    finally:
+                        self.stop.armed = False
+                except optuna.TrialPruned:
+                    outcome = {"state": TrialState.PRUNED}
+                except storages.DatabaseUnavailable:
+                    raise
+                except Exception as exc:
+                    if self.stop.pending():  # the interrupt, turned into another error on its way out
+                        raise KeyboardInterrupt from exc
+                    # a failing trial is recorded and the worker goes on to the next
+                    outcome = {"state": TrialState.FAIL, "error": f"{exc.__class__.__name__}: {exc}"[:2000]}
+                frozen, lost = _finish(self.study, trial, self.url, self.wait_s, **outcome)
+        except KeyboardInterrupt:  # at any point: a trial whose outcome is stored already is left as it is
+            self.stop.handled = True
+            hand_back(self.study, trial._trial_id, "interrupted", self.url, number=trial.number)
+            raise
         if lost:
             _log.warning(
                 "trial %d was taken for dead while it ran (no heartbeat reached the database in time): "
