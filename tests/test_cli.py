@@ -105,7 +105,12 @@ def start_long_grid(tiny_grid: Path, db: str, name: str) -> subprocess.Popen:
     """A grid worker in its own process, returned once one of its trials is RUNNING."""
     cmd = [sys.executable, "-m", "tuner.cli", "grid", str(tiny_grid), "--epochs", "30", "--subset", "2000",
            "--storage", db, "--study-name", name]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # SIGINT as at a terminal: a shell without job control starts background commands (`pytest &`) with it
+    # ignored, and the worker would then rightly ignore Ctrl-C.
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
     deadline = time.monotonic() + 180
     seen: list = []
     while time.monotonic() < deadline and proc.poll() is None:

@@ -387,7 +387,15 @@ def test_ctrl_c_anywhere_between_claiming_a_trial_and_storing_its_outcome_hands_
     assert queued.state == TrialState.WAITING and queued.system_attrs["failed_trial"] == handed.number
 
 
-def test_an_interrupt_that_comes_out_as_another_error_hands_the_trial_back(url):
+@pytest.fixture
+def ctrl_c_raises():
+    """SIGINT raising KeyboardInterrupt, as at a terminal (`pytest &` in a script starts with it ignored)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_an_interrupt_that_comes_out_as_another_error_hands_the_trial_back(url, ctrl_c_raises):
     """Raised inside C code, Ctrl-C or SIGTERM can come out of the objective as another error (a worker stopped
     while it trained failed its trial with `SystemError: ... bad argument to internal function`, and the
     cell was not re-run). With a stop pending, the trial is handed back and the worker stops; the same error
