@@ -18,6 +18,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python bench/NAME.py` from a checkout runs this checkout's tuner
     sys.path.insert(0, str(ROOT))
 
+# Before anything imports TensorFlow: importing tuner sets TensorFlow's environment as the `tuner` command
+# has it (tuner/__init__.py), so that every benchmark trains on the command's configuration.
+import tuner  # noqa: E402, F401
+
 
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)

@@ -131,7 +131,7 @@ def child(job: dict) -> dict:
         "jit_compile": bool(model.jit_compile),
         "steps_per_execution": model.steps_per_execution,
         "threads": [_threads("intra"), _threads("inter")],
-        "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default (on)"),
+        "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "unset"),
         "contended": benchlib.contended(),
         "load_average_1min": os.getloadavg()[0],
     }

@@ -5,8 +5,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
+import platform
+import subprocess
+import sys
 
 import numpy as np
+import pytest
 
 from tuner import data, models
 
@@ -300,3 +305,34 @@ def test_a_worker_scores_a_trial_on_a_kept_model_as_on_a_fresh_one(monkeypatch):
     assert len(built) == 1  # both trials trained the one model
     alone = make_objective(spec, splits)(optuna.trial.FixedTrial({"learning_rate": 0.001}))
     assert second == alone
+
+
+ALLOCATOR_PROBE = """
+import sys
+if sys.argv[1] == "tuner":
+    import tuner.models
+import tensorflow as tf
+try:
+    tf.ones([4096, 4096])  # 64 MiB, over the 16 MiB oneDNN's allocator is allowed here
+except tf.errors.ResourceExhaustedError:
+    print("oneDNN allocator")
+else:
+    print("default allocator")
+"""
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="TensorFlow's oneDNN allocator: x86-64")
+def test_training_through_tuner_uses_the_tensorflow_configuration_of_the_tuner_command():
+    """Importing tuner before TensorFlow sets TF_ENABLE_ONEDNN_OPTS=1, as the `tuner` command always had it: with
+    it unset, TensorFlow 2.21 allocates through its default allocator instead of oneDNN's, and the benchmarks,
+    which did not set it, trained LSTM-100 1.4-1.5x slower than the command (BENCHMARKS.md, the tenth round).
+    Which allocator serves a tensor shows under a 16 MiB cap that only oneDNN's allocator obeys."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    env |= {"TF_MKL_ALLOC_MAX_BYTES": str(16 << 20), "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+
+    def probe(first: str) -> str:
+        cmd = [sys.executable, "-c", ALLOCATOR_PROBE, first]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout.strip()
+
+    assert probe("tuner") == "oneDNN allocator"
+    assert probe("tensorflow") == "default allocator"  # why tuner sets it

@@ -8,18 +8,13 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import signal
 import sys
 import warnings
 
 import click
 
-# Before TensorFlow is first imported (lazily, inside the commands that train): keep its start-up log quiet.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
-
-from tuner.errors import TunerError  # noqa: E402
+from tuner.errors import TunerError  # importing tuner sets TensorFlow's environment (tuner/__init__.py)
 
 
 class TunerGroup(click.Group):
