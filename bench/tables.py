@@ -17,12 +17,13 @@ def _load(folder: Path, name: str):
 
 def train_speed(rows: list) -> str:
     out = ["| configuration | variant | images | epoch s | floor s | ratio | ratio at the run's best rate | warm-up s "
-           "| matmul GFLOP/s | load | loss | accuracy | last-batch acc |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+           "| matmul GFLOP/s | load | TF_ENABLE_ONEDNN_OPTS | loss | accuracy | last-batch acc |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]  # fmt: skip
     for r in rows:
+        onednn = {"default (on)": "unset"}.get(r.get("onednn"), r.get("onednn"))  # runs before the tenth round
         out.append(f"| {r['config']} | {r['variant']} | {r['n_train']} | {r['epoch_s']:.2f} | {r['floor_s']:.2f} "
                    f"| {r['ratio']:.2f} | {r['ratio_best']:.2f} | {r['warmup_s']:.1f} | {r['matmul_gflops']:.0f} "
-                   f"| {r['load_average_1min']:.1f} | {r['loss']:.6f} | {r['accuracy']:.6f} "
+                   f"| {r['load_average_1min']:.1f} | {onednn} | {r['loss']:.6f} | {r['accuracy']:.6f} "
                    f"| {r['last_batch_accuracy']:.6f} |")  # fmt: skip
     return "\n".join(out)
 
@@ -190,7 +191,13 @@ PRUNING = ("pruning_round9_seed0", "pruning_round9_seed1", "pruning_round9_seed2
 
 
 # every results file, newest round first, with the function that prints its table
-RESULTS = (("train_speed_goal_round9", train_speed), ("train_speed_goal_round9b", train_speed),
+RESULTS = (("train_speed_goal_round10", train_speed), ("train_speed_onednn_env1_round10", train_speed),
+           ("train_speed_onednn_unset_round10", train_speed), ("train_speed_onednn_unsetb_round10", train_speed),
+           ("train_speed_onednn_env1b_round10", train_speed), ("fused_rnn_round10", fused_rnn),
+           ("step_products_round10", step_products), ("trial_overhead_round10", trial_overhead),
+           ("trial_memory_round10", trial_overhead), ("trial_memory_onednn_unset_round10", trial_overhead),
+           ("trial_memory_cap160_round10", trial_overhead), ("storage_round10", storage),
+           ("train_speed_goal_round9", train_speed), ("train_speed_goal_round9b", train_speed),
            ("fused_rnn_round9", fused_rnn), ("step_products_round9", step_products),
            ("trial_overhead_round9", trial_overhead), ("trial_overhead_round9b", trial_overhead),
            ("trial_memory_round9", trial_overhead), ("trial_memory40x2_round9", trial_overhead),

@@ -243,10 +243,13 @@ def memory(tmp: Path, trials: int, subset: int, epochs: int, repeat: bool = True
 
 
 def _env() -> dict:
-    """Allocator settings that change how much freed memory goes back to the system."""
+    """Allocator settings that change how much freed memory goes back to the system, and which allocator
+    TensorFlow uses (oneDNN's with TF_ENABLE_ONEDNN_OPTS=1, capped by TF_MKL_ALLOC_MAX_BYTES)."""
     import os
 
-    return {k: os.environ[k] for k in ("MALLOC_ARENA_MAX", "LD_PRELOAD", "MALLOC_TRIM_THRESHOLD_") if k in os.environ}
+    keys = ("MALLOC_ARENA_MAX", "LD_PRELOAD", "MALLOC_TRIM_THRESHOLD_")
+    keys += ("TF_ENABLE_ONEDNN_OPTS", "TF_MKL_ALLOC_MAX_BYTES")
+    return {k: os.environ[k] for k in keys if k in os.environ}
 
 
 def main() -> None:
