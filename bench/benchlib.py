@@ -101,8 +101,3 @@ def _timed(fn) -> float:
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
-
-
-def quiet_tf() -> None:
-    """Keep TensorFlow's C++ start-up lines out of the benchmark's output."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

@@ -95,7 +95,6 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.n, args.rounds = 5_984, 2
-    benchlib.quiet_tf()
     from tuner import models
 
     models.limit_malloc_arenas()  # as the objective does for every worker

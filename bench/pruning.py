@@ -172,7 +172,6 @@ def main() -> None:
     p.add_argument("--from-dbs", nargs=2, metavar=("HYPERBAND_DB", "NONE_DB"),
                    help="summarise two runs that were cut short, over the trials both finished")  # fmt: skip
     args = p.parse_args()
-    benchlib.quiet_tf()
     size = {"trials": 8, "epochs": 4, "subset": 1_200} if args.quick else {"trials": 100, "epochs": 12, "subset": 6_000}
     size["seed"] = args.seed
     if args.trials:

@@ -106,7 +106,6 @@ def measure(cell: str, units: int, batch: int, rounds: int, repeats: int) -> dic
 def main() -> None:
     p = benchlib.parser(__doc__.split("\n\n")[0])
     args = p.parse_args()
-    benchlib.quiet_tf()
     machine = benchlib.machine()
     print(f"machine: {machine}")
     rounds, repeats = (2, 5) if args.quick else (8, 20)

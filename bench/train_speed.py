@@ -68,7 +68,6 @@ def flops_per_sample(cell: str, units: int, *, steps: int = 28, features: int = 
 
 def child(job: dict) -> dict:
     """One measurement, in this (fresh) process."""
-    benchlib.quiet_tf()
     if job.get("threads"):
         import tensorflow as tf
 

@@ -258,7 +258,6 @@ def main() -> None:
     p.add_argument("--overhead-only", action="store_true", help="only the four 5-epoch trials")
     p.add_argument("--memory-trials", type=int, default=20, help="trials of the memory run's first pass (20)")
     args = p.parse_args()
-    benchlib.quiet_tf()
     machine = benchlib.machine()
     print(f"machine: {machine}")
     subset = 6_000 if args.quick else None

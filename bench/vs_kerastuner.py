@@ -256,7 +256,6 @@ def main() -> None:
         meta["dropped_runs"] = [{k: r[k] for k in ("method", "seed", "epochs_spent", "best_val_accuracy", "wall_s")}
                                 for r in partial["runs"] if r["seed"] not in whole]  # fmt: skip
         return finish([r for r in partial["runs"] if r["seed"] in whole], partial["machine"], meta, args)
-    benchlib.quiet_tf()
     machine = benchlib.machine()
     print(f"machine: {machine}")
     from tuner import data
