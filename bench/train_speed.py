@@ -48,6 +48,9 @@ LEVERS: dict[str, dict] = {
     "onednn-off": {"env": {"TF_ENABLE_ONEDNN_OPTS": "0"}},
     "tf-tensors": {"tensors": True},  # a per-fit lever (no copy of the arrays per trial): shows in fit_s, not epoch_s
     "fused-lstm": {"fused": True},  # LSTM only: TensorFlow's fused whole-sequence kernel (see fused_lstm_layer)
+    # Keras's mixed precision: bfloat16 products (AMX or AVX-512 BF16 where the CPU has them), float32 weights and
+    # softmax. Not the same arithmetic as the floor's float32 products: its loss and accuracy show what it changes.
+    "mixed-bf16": {"policy": "mixed_bfloat16"},
 }
 ONLY = {"fused-lstm": "LSTM"}  # levers that apply to one cell
 QUICK_LEVERS = ["original", "shipped"]
@@ -95,9 +98,11 @@ def child(job: dict) -> dict:
     else:  # build_model as it was before any speed lever, plus this variant's levers
         keras.backend.clear_session()
         keras.utils.set_random_seed(0)
+        keras.mixed_precision.set_global_policy(job.get("policy", "float32"))
         layer_cls = fused_lstm_layer() if job.get("fused") else getattr(keras.layers, config.cell)
         layer = layer_cls(config.units, unroll=bool(job.get("unroll")))
-        model = keras.Sequential([keras.Input((28, 28)), layer, keras.layers.Dense(10, activation="softmax")])
+        head = keras.layers.Dense(10, activation="softmax", dtype="float32")  # float32 under any policy
+        model = keras.Sequential([keras.Input((28, 28)), layer, head])
         model.compile(optimizer=keras.optimizers.Adam(learning_rate=0.001), loss="sparse_categorical_crossentropy",
                       metrics=["accuracy"], jit_compile=bool(job.get("jit")),
                       steps_per_execution=job.get("spe", 1))  # fmt: skip
@@ -128,6 +133,7 @@ def child(job: dict) -> dict:
         "accuracy": epoch.accuracy,
         "last_batch_accuracy": epoch.last_batch_accuracy,
         "jit_compile": bool(model.jit_compile),
+        "dtype_policy": keras.mixed_precision.global_policy().name,
         "steps_per_execution": model.steps_per_execution,
         "threads": [_threads("intra"), _threads("inter")],
         "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "unset"),

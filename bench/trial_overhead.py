@@ -21,11 +21,16 @@ same order (queued into the study when the 20th ends), so that the second pass's
 model for model: a trial's peak depends on its model, and a random sequence draws its largest ones anywhere.
 The worker's resident set (VmRSS) and its peak (VmHWM) are read after every trial. The kernel's peak is reset
 (`/proc/self/clear_refs`) before the first trial and after each reading, so each trial's peak is its own: not
-the 5-epoch trials' that ran before in the same process, nor an earlier trial's.
+the 5-epoch trials' that ran before in the same process, nor an earlier trial's. Beside them, where it holds:
+glibc's heap (`mallinfo2`: bytes in use, bytes free but kept, bytes in chunks of their own mapping) and
+TensorFlow's CPU allocator (`tf.config.experimental.get_memory_info`: in use after the trial, and the trial's
+own peak), which say where a growth sits. `--model-cache N` sets how many compiled models the worker keeps
+(`tuner.models.ModelCache`, 5 as shipped; 0 keeps none), to measure what the kept models hold.
 """
 
 from __future__ import annotations
 
+import ctypes
 import statistics
 import tempfile
 import time
@@ -180,6 +185,34 @@ def _reset_peak() -> bool:
         return False
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]  # fmt: skip
+
+
+def _heap() -> dict:
+    """glibc's heap (2.33 and later) and TensorFlow's CPU allocator, in MiB; the allocator's peak is reset."""
+    out = {}
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+        info = libc.mallinfo2()
+        out = {"malloc_in_use_mib": info.uordblks / 2**20, "malloc_free_kept_mib": info.fordblks / 2**20,
+               "malloc_mapped_mib": info.hblkhd / 2**20}  # fmt: skip
+    except (OSError, AttributeError):  # not glibc, or older than 2.33
+        pass
+    import tensorflow as tf
+
+    try:
+        stats = tf.config.experimental.get_memory_info("CPU:0")
+        tf.config.experimental.reset_memory_stats("CPU:0")
+        out |= {"tf_allocator_in_use_mib": stats["current"] / 2**20, "tf_allocator_peak_mib": stats["peak"] / 2**20}
+    except (ValueError, RuntimeError):  # an allocator without statistics
+        pass
+    return out
+
+
 def _slope(values: list[float]) -> float:
     """Least-squares slope of the second half of `values`, per step."""
     half = len(values) // 2
@@ -205,7 +238,7 @@ def memory(tmp: Path, trials: int, subset: int, epochs: int, repeat: bool = True
         running = max([peak, *(r["peak_rss_mib"] for r in rows)])
         rows.append({"trial": frozen.number, "state": frozen.state.name, "params": frozen.params,
                      "rss_mib": _status("VmRSS"), "trial_peak_rss_mib": peak if per_trial else None,
-                     "peak_rss_mib": running})  # fmt: skip
+                     "peak_rss_mib": running, **_heap()})  # fmt: skip
         if repeat and len(rows) == trials:  # the second pass: the same models, in the same order
             study = optuna.load_study(study_name="memory", storage=url)
             for r in rows:
@@ -242,6 +275,11 @@ def memory(tmp: Path, trials: int, subset: int, epochs: int, repeat: bool = True
     return out
 
 
+HEAP = {"malloc_in_use_mib": "glibc heap in use after each trial", "malloc_free_kept_mib": "glibc heap free but kept",
+        "malloc_mapped_mib": "glibc chunks in their own mapping", "tf_allocator_peak_mib": "TensorFlow allocator, each "
+        "trial's peak", "tf_allocator_in_use_mib": "TensorFlow allocator in use after each trial"}  # fmt: skip
+
+
 def _env() -> dict:
     """Allocator settings that change how much freed memory goes back to the system, and which allocator
     TensorFlow uses (oneDNN's with TF_ENABLE_ONEDNN_OPTS=1, capped by TF_MKL_ALLOC_MAX_BYTES)."""
@@ -257,12 +295,17 @@ def main() -> None:
     p.add_argument("--memory-only", action="store_true", help="only the memory run (20 trials, then them again)")
     p.add_argument("--overhead-only", action="store_true", help="only the four 5-epoch trials")
     p.add_argument("--memory-trials", type=int, default=20, help="trials of the memory run's first pass (20)")
+    p.add_argument("--model-cache", type=int, default=None, help="compiled models a worker keeps (5 as shipped)")
     args = p.parse_args()
+    if args.model_cache is not None:
+        from tuner import models
+
+        models.ModelCache.__init__.__defaults__ = (args.model_cache,)  # the objective makes it with the default
     machine = benchlib.machine()
     print(f"machine: {machine}")
     subset = 6_000 if args.quick else None
     epochs = 2 if args.quick else 5
-    out: dict = {"machine": machine, "overhead": [], "memory": None, "env": _env()}
+    out: dict = {"machine": machine, "overhead": [], "memory": None, "env": _env(), "model_cache": args.model_cache}
     with tempfile.TemporaryDirectory() as tmp:
         for row in (
             [] if args.memory_only else overhead(Path(tmp), ["SimpleRNN", "LSTM"], 128, 128, epochs, subset, RATES)
@@ -287,6 +330,9 @@ def main() -> None:
           + " ".join(f"{r['peak_rss_mib']:.0f}" for r in mem["trials"]))  # fmt: skip
     if mem["peak_per_trial"]:
         print("peak RSS during each trial (MiB): " + " ".join(f"{r['trial_peak_rss_mib']:.0f}" for r in mem["trials"]))
+    for key, label in HEAP.items():
+        if all(key in r for r in mem["trials"]):
+            print(f"{label} (MiB): " + " ".join(f"{r[key]:.0f}" for r in mem["trials"]))
     print(
         f"RSS slope over the second half: {mem['rss_slope_second_half_mib_per_trial']:+.1f} MiB/trial; peak "
         f"{mem['peak_first_half_mib']:.0f} MiB after the first half, {mem['peak_last_mib']:.0f} MiB at the end"
