@@ -82,6 +82,8 @@ def memory(d: dict) -> str:
     env = d.get("env") or "none set"
     out = [f"Allocator environment: {env} (the objective caps glibc's malloc arenas at 2 unless MALLOC_ARENA_MAX "
            "is set: tuner.models.limit_malloc_arenas)", ""]  # fmt: skip
+    if d.get("model_cache") is not None:
+        out += [f"Compiled models a worker keeps: {d['model_cache']} (5 as shipped)", ""]
     m = d["memory"]
     out.append("RSS after each trial (MiB): " + ", ".join(f"{t['rss_mib']:.0f}" for t in m["trials"]))
     out.append("")
@@ -93,6 +95,8 @@ def memory(d: dict) -> str:
         peaks = ", ".join(f"{t['trial_peak_rss_mib']:.0f}" for t in m["trials"])
         out.append(f"Peak RSS during each trial (MiB): {peaks}")
         out.append("")
+    for key, label in m.get("heap_labels", {}).items():  # the eleventh round on
+        out += [f"{label} (MiB): " + ", ".join(f"{t[key]:.0f}" for t in m["trials"]), ""]
     out.append(f"RSS slope over the second half: {m['rss_slope_second_half_mib_per_trial']:+.1f} MiB/trial; "
                f"peak {m['peak_first_half_mib']:.0f} MiB after the first half, {m['peak_last_mib']:.0f} MiB after "
                f"the last trial.")  # fmt: skip
@@ -191,7 +195,11 @@ PRUNING = ("pruning_round9_seed0", "pruning_round9_seed1", "pruning_round9_seed2
 
 
 # every results file, newest round first, with the function that prints its table
-RESULTS = (("train_speed_goal_round10", train_speed), ("train_speed_onednn_env1_round10", train_speed),
+RESULTS = (("train_speed_goal_round11", train_speed), ("train_speed_bf16_round11", train_speed),
+           ("fused_rnn_round11", fused_rnn), ("step_products_round11", step_products),
+           ("trial_overhead_round11", trial_overhead), ("trial_memory_cache0_round11", trial_overhead),
+           ("storage_round11", storage), ("train_speed_goal_round10", train_speed),
+           ("train_speed_onednn_env1_round10", train_speed),
            ("train_speed_onednn_unset_round10", train_speed), ("train_speed_onednn_unsetb_round10", train_speed),
            ("train_speed_onednn_env1b_round10", train_speed), ("fused_rnn_round10", fused_rnn),
            ("step_products_round10", step_products), ("trial_overhead_round10", trial_overhead),

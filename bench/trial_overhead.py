@@ -324,15 +324,15 @@ def main() -> None:
             return benchlib.write_json(args.json, out)
         mem = memory(Path(tmp), trials=5 if args.quick else args.memory_trials, subset=600 if args.quick else 1_200,
                      epochs=1 if args.quick else 2)  # fmt: skip
+    mem["heap_labels"] = {key: label for key, label in HEAP.items() if all(key in r for r in mem["trials"])}
     out["memory"] = mem
     print("RSS after each trial (MiB): " + " ".join(f"{r['rss_mib']:.0f}" for r in mem["trials"]))
     print("peak RSS after each trial, since the run began (MiB): "
           + " ".join(f"{r['peak_rss_mib']:.0f}" for r in mem["trials"]))  # fmt: skip
     if mem["peak_per_trial"]:
         print("peak RSS during each trial (MiB): " + " ".join(f"{r['trial_peak_rss_mib']:.0f}" for r in mem["trials"]))
-    for key, label in HEAP.items():
-        if all(key in r for r in mem["trials"]):
-            print(f"{label} (MiB): " + " ".join(f"{r[key]:.0f}" for r in mem["trials"]))
+    for key, label in mem["heap_labels"].items():
+        print(f"{label} (MiB): " + " ".join(f"{r[key]:.0f}" for r in mem["trials"]))
     print(
         f"RSS slope over the second half: {mem['rss_slope_second_half_mib_per_trial']:+.1f} MiB/trial; peak "
         f"{mem['peak_first_half_mib']:.0f} MiB after the first half, {mem['peak_last_mib']:.0f} MiB at the end"
