@@ -180,10 +180,12 @@ def storage(d: dict) -> str:
     return "\n".join(out)
 
 
-# pruning results: the ninth round's check of the default, the eighth round's default, then the fourth and fifth
-# rounds' default (steps counted in epochs trained), the median pruner, the earlier default (Keras's 0-based epoch
-# index as the step) and its experiments
-PRUNING = ("pruning_round9_seed0", "pruning_round9_seed1", "pruning_round9_seed2", "pruning_round9_seed3",
+# pruning results: the eleventh and ninth rounds' checks of the default, the eighth round's default, then the
+# fourth and fifth rounds' default (steps counted in epochs trained), the median pruner, the earlier default
+# (Keras's 0-based epoch index as the step) and its experiments
+PRUNING = ("pruning_round11_seed0", "pruning_round11_seed1", "pruning_round11_seed2", "pruning_round11_seed3",
+           "pruning_round11_seed4", "pruning_round9_seed0", "pruning_round9_seed1", "pruning_round9_seed2",
+           "pruning_round9_seed3",
            "pruning_round9_seed4", "pruning_round8_seed0", "pruning_round8_seed1", "pruning_round8_seed2",
            "pruning_round8_seed3", "pruning_round8_seed4", "pruning_epochs_seed0", "pruning_epochs_seed1",
            "pruning_epochs_seed2", "pruning_epochs_seed3", "pruning_epochs_seed4", "pruning_median_seed0",
@@ -198,7 +200,8 @@ PRUNING = ("pruning_round9_seed0", "pruning_round9_seed1", "pruning_round9_seed2
 RESULTS = (("train_speed_goal_round11", train_speed), ("train_speed_bf16_round11", train_speed),
            ("fused_rnn_round11", fused_rnn), ("step_products_round11", step_products),
            ("trial_overhead_round11", trial_overhead), ("trial_memory_cache0_round11", trial_overhead),
-           ("storage_round11", storage), ("train_speed_goal_round10", train_speed),
+           ("storage_round11", storage), ("vs_kerastuner_round11", vs_kerastuner),
+           ("train_speed_goal_round10", train_speed),
            ("train_speed_onednn_env1_round10", train_speed),
            ("train_speed_onednn_unset_round10", train_speed), ("train_speed_onednn_unsetb_round10", train_speed),
            ("train_speed_onednn_env1b_round10", train_speed), ("fused_rnn_round10", fused_rnn),
