@@ -199,7 +199,8 @@ PRUNING = ("pruning_round11_seed0", "pruning_round11_seed1", "pruning_round11_se
 # every results file, newest round first, with the function that prints its table
 RESULTS = (("train_speed_goal_round11", train_speed), ("train_speed_bf16_round11", train_speed),
            ("fused_rnn_round11", fused_rnn), ("step_products_round11", step_products),
-           ("trial_overhead_round11", trial_overhead), ("trial_memory_cache0_round11", trial_overhead),
+           ("trial_overhead_round11", trial_overhead), ("trial_memory_round11", trial_overhead),
+           ("trial_memory_cache0_round11", trial_overhead),
            ("storage_round11", storage), ("vs_kerastuner_round11", vs_kerastuner),
            ("train_speed_goal_round10", train_speed),
            ("train_speed_onednn_env1_round10", train_speed),
