@@ -308,31 +308,34 @@ def test_a_worker_scores_a_trial_on_a_kept_model_as_on_a_fresh_one(monkeypatch):
 
 
 ALLOCATOR_PROBE = """
-import sys
+import os, sys
 if sys.argv[1] == "tuner":
     import tuner.models
 import tensorflow as tf
 try:
     tf.ones([4096, 4096])  # 64 MiB, over the 16 MiB oneDNN's allocator is allowed here
 except tf.errors.ResourceExhaustedError:
-    print("oneDNN allocator")
+    print(os.environ.get("TF_ENABLE_ONEDNN_OPTS", "unset"), "oneDNN allocator")
 else:
-    print("default allocator")
+    print(os.environ.get("TF_ENABLE_ONEDNN_OPTS", "unset"), "default allocator")
 """
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="TensorFlow's oneDNN allocator: x86-64")
 def test_training_through_tuner_uses_the_tensorflow_configuration_of_the_tuner_command():
-    """Importing tuner before TensorFlow sets TF_ENABLE_ONEDNN_OPTS=1, as the `tuner` command always had it: with
-    it unset, TensorFlow 2.21 allocates through its default allocator instead of oneDNN's, and the benchmarks,
-    which did not set it, trained LSTM-100 1.4-1.5x slower than the command (BENCHMARKS.md, the tenth round).
-    Which allocator serves a tensor shows under a 16 MiB cap that only oneDNN's allocator obeys."""
+    """Importing tuner before TensorFlow sets TF_ENABLE_ONEDNN_OPTS=1, as the `tuner` command always had it. Left
+    unset, TensorFlow 2.21 decides by the CPU: on an AMD EPYC without AVX-512 it allocated through its default
+    allocator, and the benchmarks, which did not set it, trained LSTM-100 1.4-1.5x slower than the command
+    (BENCHMARKS.md, the tenth round); on an Intel Xeon with AMX it took oneDNN's allocator unasked (the eleventh).
+    Which allocator serves a tensor shows under a 16 MiB cap that only oneDNN's allocator obeys. The variable set
+    to 0 shows that the probe tells the two apart on any CPU, and that a value already set wins over tuner's."""
     env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
     env |= {"TF_MKL_ALLOC_MAX_BYTES": str(16 << 20), "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
 
-    def probe(first: str) -> str:
+    def probe(first: str, **setting: str) -> str:
         cmd = [sys.executable, "-c", ALLOCATOR_PROBE, first]
-        return subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(cmd, env=env | setting, capture_output=True, text=True, check=True).stdout.strip()
 
-    assert probe("tuner") == "oneDNN allocator"
-    assert probe("tensorflow") == "default allocator"  # why tuner sets it
+    assert probe("tuner") == "1 oneDNN allocator"
+    assert probe("tensorflow", TF_ENABLE_ONEDNN_OPTS="0") == "0 default allocator"  # the probe tells them apart
+    assert probe("tuner", TF_ENABLE_ONEDNN_OPTS="0") == "0 default allocator"  # a value already set wins
