@@ -12,6 +12,7 @@ import time
 import dbservers
 import optuna
 import pytest
+import sqlalchemy
 from optuna.storages import RDBStorage
 from optuna.storages._rdb import models
 from optuna.trial import TrialState
@@ -422,3 +423,46 @@ def test_an_interrupt_that_comes_out_as_another_error_hands_the_trial_back(url, 
     assert "error" not in handed.user_attrs
     assert queued.state == TrialState.WAITING
     assert queued.system_attrs["failed_trial"] == handed.number and queued.params == handed.params
+
+
+@pytest.mark.parametrize("kind", ["postgresql", "mysql"])
+def test_a_pooled_connection_is_pinged_only_after_sitting_idle_and_replaced_if_dropped(kind, monkeypatch):
+    """A worker's storage calls come milliseconds apart: pinging each checkout cost a round trip 7 times a
+    trial. A connection is pinged when it sat in the pool longer than PING_IDLE_S; one the server dropped
+    meanwhile is then replaced before use. One dropped and used at once fails its statement, and the storage
+    call is run again on a new connection."""
+    with dbservers.fresh_database(dbservers.ensure(kind)) as raw:
+        url = storages.resolve(raw)
+        storage = storages.open_storage(url, create=True)
+        assert storage.engine_kwargs["pool_pre_ping"]  # as given: what the heartbeat process connects with
+        engine = storage.engine
+        pings = []
+        ping = engine.dialect.do_ping
+        monkeypatch.setattr(engine.dialect, "do_ping", lambda c: pings.append(c) or ping(c))
+        who = "SELECT pg_backend_pid()" if kind == "postgresql" else "SELECT CONNECTION_ID()"
+        kill = "SELECT pg_terminate_backend(:id)" if kind == "postgresql" else "KILL :id"
+        admin = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT", poolclass=sqlalchemy.pool.NullPool)
+
+        def backend() -> int:
+            with engine.connect() as conn:
+                return conn.execute(sqlalchemy.text(who)).scalar()
+
+        def drop(backend_id: int) -> None:
+            with admin.connect() as conn:
+                conn.execute(sqlalchemy.text(kill), {"id": backend_id})
+            time.sleep(0.2)  # the server closes the socket
+
+        engine.dispose()  # one connection in the pool from here
+        try:
+            first = backend()
+            assert backend() == first and pings == []  # used a moment ago: no ping
+            drop(first)
+            time.sleep(storages.PING_IDLE_S + 0.2)
+            second = backend()  # idle past the limit: pinged, found dropped, replaced
+            assert len(pings) == 1 and second != first
+            drop(second)
+            assert storage.get_all_studies() == []  # not pinged: its first statement fails, the call is retried
+            assert len(pings) == 1 and backend() not in (first, second)
+        finally:
+            admin.dispose()
+            engine.dispose()

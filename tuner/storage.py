@@ -11,7 +11,7 @@ Two things Optuna's RDBStorage leaves to its user when many workers share a data
   seeding and claiming grid cells, failing a dead worker's trial and queueing it again. It is a PostgreSQL
   advisory lock, a MySQL named lock, or a file lock beside a SQLite file: no table of our own.
 - Riding out a database restart. RDBStorage turns a dropped connection into `StorageInternalError` and gives
-  up; `pool_pre_ping` only replaces connections that died while idle in the pool. `TunerStorage` retries
+  up; a ping on checkout only replaces connections that died while idle in the pool. `TunerStorage` retries
   every storage call that failed for a transient reason (server down, connection lost, starting up) with
   exponential backoff, for up to `--db-wait` seconds from the start of the outage, then raises
   `DatabaseUnavailable` with one line. Inside `study_lock` nothing is retried: the lock itself may have been
@@ -56,6 +56,7 @@ CONNECT_TIMEOUT_S = 5
 MANY_IDS = 500  # unfinished trials a read of the study names one by one; beyond, it reads from the lowest
 DEFAULT_DB_WAIT_S = 120.0  # how long a worker waits for a database that went away before giving up
 MAX_BACKOFF_S = 10.0
+PING_IDLE_S = 1.0  # a pooled connection idle longer than this is pinged before use (see `ping_when_idle`)
 
 _log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -136,6 +137,44 @@ def engine_kwargs(url: URL) -> dict:
     elif backend == "sqlite":
         kwargs["connect_args"] = {"timeout": 60}  # wait on a locked file instead of failing at once
     return kwargs
+
+
+def ping_when_idle(engine: sqlalchemy.Engine, idle_s: float = PING_IDLE_S) -> sqlalchemy.Engine:
+    """SQLAlchemy's `pool_pre_ping`, for connections that sat in the pool longer than `idle_s` only.
+
+    The pre-ping costs a round trip to the server on every checkout: 7 a trial in a worker's loop, each a
+    moment after the last. A connection used a second ago is alive or, if the server went away since, fails
+    its statement, and `retrying` runs the call again on a new one. One that sat idle through a training epoch
+    is checked first, as pre-ping checks it: if the ping finds it dropped, the pool discards it and every
+    connection older (`InvalidatePoolError`, as pre-ping does) and connects again. Call on an engine created
+    with `pool_pre_ping=False`.
+    """
+    dialect = engine.dialect
+
+    @sqlalchemy.event.listens_for(engine, "checkin")
+    def _idle_from(dbapi_connection, record) -> None:
+        record.info["idle_from"] = time.monotonic()
+
+    @sqlalchemy.event.listens_for(engine, "checkout")
+    def _ping(dbapi_connection, record, proxy) -> None:
+        idle_from = record.info.get("idle_from")  # none yet: a new connection
+        if idle_from is None or time.monotonic() - idle_from <= idle_s:
+            return
+        try:
+            dialect.do_ping(dbapi_connection)
+        except dialect.loaded_dbapi.Error as err:
+            if dialect.is_disconnect(err, dbapi_connection, None):
+                raise sqlalchemy.exc.InvalidatePoolError() from err
+            raise
+
+    return engine
+
+
+def _without_pre_ping(kwargs: dict) -> tuple[dict, bool]:
+    """Engine options with SQLAlchemy's pre-ping off, and whether they asked for it (then `ping_when_idle`, with
+    the pool handing out the connection used last: the others sit idle, and are pinged when next needed)."""
+    ping = bool(kwargs.get("pool_pre_ping"))
+    return {**kwargs, "pool_pre_ping": False, **({"pool_use_lifo": True} if ping else {})}, ping
 
 
 def default_db_wait(create: bool = True) -> float:
@@ -330,6 +369,16 @@ class TunerStorage(RDBStorage):
 
     db_wait_s: float = 0.0
     max_retry: int | None = 3
+
+    def __init__(self, url: str, engine_kwargs: dict | None = None, *args, **kwargs) -> None:
+        """Optuna's, with `pool_pre_ping` (if asked) done by `ping_when_idle`. `engine_kwargs` keeps the options as
+        given: the heartbeat process, which connects with them, waits 10 s between beats and pings each time."""
+        given = dict(engine_kwargs or {})
+        plain, ping = _without_pre_ping(given)
+        super().__init__(url, plain, *args, **kwargs)
+        self.engine_kwargs = given
+        if ping:
+            ping_when_idle(self.engine)
 
     @functools.cached_property
     def tuner_url(self) -> URL:
@@ -982,9 +1031,10 @@ def _lock_engine(url: URL, timeout_s: float) -> sqlalchemy.Engine:
     connection."""
     key = url.render_as_string(hide_password=False)
     if key not in _ENGINES:
-        engine = sqlalchemy.create_engine(
-            url, pool_size=1, max_overflow=0, isolation_level="AUTOCOMMIT", **engine_kwargs(url)
-        )
+        kwargs, ping = _without_pre_ping(engine_kwargs(url))
+        engine = sqlalchemy.create_engine(url, pool_size=1, max_overflow=0, isolation_level="AUTOCOMMIT", **kwargs)
+        if ping:
+            ping_when_idle(engine)
         if url.get_backend_name() == "postgresql":
 
             @sqlalchemy.event.listens_for(engine, "connect")
