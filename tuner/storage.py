@@ -395,7 +395,8 @@ class TunerStorage(RDBStorage):
 
         Step by step with Optuna's calls (look for a queued trial, count, create, record a heartbeat, set
         RUNNING, read the trial back, set the worker), taking a trial costs about 40 round trips to the
-        database; here 8 (a new trial) or 10 (a queued one), in SQL statements of its own rather than the ORM.
+        database; here 7 (a new trial: 5 on PostgreSQL, where its three rows go in one statement) or 9 (a queued
+        one), in SQL statements of its own rather than the ORM.
         """
         from optuna.storages._rdb import models
 
@@ -487,14 +488,25 @@ class TunerStorage(RDBStorage):
         now = datetime.datetime.now()
         if conn.dialect.name == "mysql":  # Optuna's DATETIME columns there keep whole seconds: hold what is stored
             now = now.replace(microsecond=0)
-        created = conn.execute(
-            sqlalchemy.insert(trials).values(
-                number=number, study_id=study_id, state=TrialState.RUNNING, datetime_start=_utc(now)
-            )
+        trial = sqlalchemy.insert(trials).values(
+            number=number, study_id=study_id, state=TrialState.RUNNING, datetime_start=_utc(now)
         )
-        trial_id = created.inserted_primary_key[0]
-        conn.execute(sqlalchemy.insert(beats).values(trial_id=trial_id))
-        conn.execute(sqlalchemy.insert(attrs).values(trial_id=trial_id, key="worker", value_json=json.dumps(worker)))
+        who = json.dumps(worker)
+        if conn.dialect.name == "postgresql":  # the three rows in one statement: one round trip instead of three
+            created = trial.returning(trials.c.trial_id).cte("created")
+            beat = sqlalchemy.insert(beats).from_select(
+                ["trial_id", "heartbeat"], sqlalchemy.select(created.c.trial_id, sqlalchemy.func.current_timestamp())
+            )
+            attr = sqlalchemy.insert(attrs).from_select(
+                ["trial_id", "key", "value_json"],
+                sqlalchemy.select(created.c.trial_id, sqlalchemy.literal("worker"), sqlalchemy.literal(who)),
+            )
+            both = sqlalchemy.select(created.c.trial_id).add_cte(beat.cte("beat"), attr.cte("attr"))
+            trial_id = conn.execute(both).scalar_one()
+        else:
+            trial_id = conn.execute(trial).inserted_primary_key[0]
+            conn.execute(sqlalchemy.insert(beats).values(trial_id=trial_id))
+            conn.execute(sqlalchemy.insert(attrs).values(trial_id=trial_id, key="worker", value_json=who))
         return FrozenTrial(
             number=number,
             state=TrialState.RUNNING,
@@ -530,19 +542,21 @@ class TunerStorage(RDBStorage):
             if state.is_finished():
                 change["datetime_complete"] = now
             takes = [TrialState.WAITING] if state == TrialState.RUNNING else [TrialState.RUNNING, TrialState.WAITING]
+            rows = [models.TrialValueModel.value_to_stored_repr(value) for value in values or ()]
+            move = sqlalchemy.update(trials).where(trials.c.trial_id == trial_id, trials.c.state.in_(takes))
+            move = move.values(**change)
+            one_statement = self.engine.dialect.name == "postgresql"  # one round trip in autocommit, not four
             try:
-                with self.engine.begin() as conn:
-                    moved = conn.execute(
-                        sqlalchemy.update(trials)
-                        .where(trials.c.trial_id == trial_id, trials.c.state.in_(takes))
-                        .values(**change)
-                    ).rowcount
+                with self._unwrapped() if one_statement else self.engine.begin() as conn:
+                    if one_statement:
+                        moved = conn.execute(_moved_with_values(move, rows)).scalar_one()
+                    else:
+                        moved = conn.execute(move).rowcount
                     if not moved:
                         current = self._state(conn, trial_id)
                         self.check_trial_is_updatable(trial_id, current)
                         return False  # RUNNING asked of a trial that is RUNNING already
-                    for objective, value in enumerate(values or ()):
-                        number, kind = models.TrialValueModel.value_to_stored_repr(value)
+                    for objective, (number, kind) in enumerate([] if one_statement else rows):
                         self._upsert(
                             conn, stored, {"trial_id": trial_id, "objective": objective},
                             {"value": number, "value_type": kind},
@@ -797,6 +811,31 @@ def _upsert_statement(dialect: str, table: sqlalchemy.Table, row, keys, values):
     if dialect == "mysql":
         return stmt.on_duplicate_key_update({c: stmt.inserted[c] for c in values})
     return stmt.on_conflict_do_update(index_elements=list(keys), set_={c: stmt.excluded[c] for c in values})
+
+
+def _moved_with_values(move: sqlalchemy.Update, rows: list[tuple]) -> sqlalchemy.Select:
+    """PostgreSQL: the trial's move to its new state (`move`, an UPDATE of its row) and its values (`rows`, each
+    a stored number and its kind, by objective) in one statement, which counts the rows moved (0 or 1): the
+    values are stored only if the trial moved. One statement is atomic on its own, with no transaction around."""
+    from optuna.storages._rdb import models
+
+    stored = models.TrialValueModel.__table__
+    moved = move.returning(move.table.c.trial_id).cte("moved")
+    count = sqlalchemy.select(sqlalchemy.func.count()).select_from(moved)
+    if not rows:
+        return count
+    value_type, kind_type = stored.c.value.type, stored.c.value_type.type  # cast: in a UNION, a parameter is text
+    each = [
+        sqlalchemy.select(
+            moved.c.trial_id, sqlalchemy.literal(objective),
+            sqlalchemy.cast(sqlalchemy.literal(number, value_type), value_type),
+            sqlalchemy.cast(sqlalchemy.literal(kind, kind_type), kind_type),
+        )
+        for objective, (number, kind) in enumerate(rows)
+    ]  # fmt: skip
+    values = each[0] if len(each) == 1 else sqlalchemy.union_all(*each)
+    upsert = _upsert_statement("postgresql", stored, values, ["trial_id", "objective"], ["value", "value_type"])
+    return count.add_cte(upsert.cte("stored"))
 
 
 @functools.cache
