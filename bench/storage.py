@@ -9,6 +9,11 @@ the study lock) against plain `study.optimize` on Optuna's RDBStorage, TPE (seed
 random sampler (a quarter of the trials) to separate the sampler's share from the storage's. Reported: mean
 milliseconds per trial over all trials and over the last 100 ("at 1,000 trials").
 
+Reads: before each sampling Optuna's cache reads the study's unfinished and new trials. In a study of 1,000
+and of 10,000 trials (made by tuner's loop with the random sampler, no ANALYZE: what a study's database looks
+like a moment after its trials were written), that read of the last trial, timed (milliseconds a read, the
+median of 10 blocks of 200); a read that does not grow with the study costs the same at both sizes.
+
 Workers: 1, 2, 4 and 8 processes on one PostgreSQL study, an objective that sleeps 0.5 s, 16 trials per
 worker, every worker starting at the same instant after its imports. Throughput as a share of ideal
 (workers / 0.5 s), from the common start to the last result stored. PostgreSQL 15 at 127.0.0.1:5432 (user
@@ -82,6 +87,34 @@ def loop_overhead(url_text: str, loop: str, sampler: str, n: int) -> dict:
         "ms_per_trial_last100": 1000 * sum(last) / len(last),
         "ms_per_trial_first100": 1000 * sum(gaps[:100]) / len(gaps[:100]),
     }
+
+
+def read_cost(url_text: str, n: int) -> dict:
+    """A study of `n` trials, then the cache's usual read (the trials unfinished or newer than the last one
+    finished; here the last trial) timed: the median of 10 blocks of 200 reads."""
+    import statistics
+
+    import optuna
+
+    from tuner import storage as storages
+    from tuner import study as studies
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = storages.resolve(url_text)
+    storage = storages.open_storage(url, create=True)
+    name = f"reads-{n}-{uuid.uuid4().hex[:6]}"
+    study = optuna.create_study(storage=storage, study_name=name, sampler=_sampler("random"))
+    left, done = studies.search_budget(n)
+    studies.run_trials(study, url, trivial, new_trials_left=left, done=done)
+    last = max(t._trial_id for t in study.get_trials(deepcopy=False))
+    blocks = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        for _ in range(200):
+            read = storage._get_trials(study._study_id, None, {last}, last - 1)
+        blocks.append((time.perf_counter() - t0) / 200)
+    assert len(read) == 1 and read[0]._trial_id == last
+    return {"backend": url.get_backend_name(), "trials": n, "ms_per_read": 1000 * statistics.median(blocks)}
 
 
 def worker(url_text: str, name: str, loop: str, n_total: int, start_at: float) -> None:
@@ -165,6 +198,7 @@ def main() -> None:
     p = benchlib.parser(__doc__.split("\n\n")[0])
     p.add_argument("--worker", help=benchlib_hidden())
     p.add_argument("--workers-only", action="store_true", help="only the 1-8 worker throughput runs")
+    p.add_argument("--reads-only", action="store_true", help="only the reads at 1,000 and 10,000 trials")
     args = p.parse_args()
     if args.worker:
         worker(*json.loads(args.worker))
@@ -176,16 +210,22 @@ def main() -> None:
     counts = [1, 2] if args.quick else [1, 2, 4, 8]
     import tempfile
 
-    out: dict = {"machine": machine, "overhead": [], "workers": []}
+    out: dict = {"machine": machine, "overhead": [], "reads": [], "workers": []}
     with tempfile.TemporaryDirectory() as tmp, ThrowawayPostgres() as pg:
-        for url in () if args.workers_only else (f"sqlite:///{tmp}/bench.db", pg):
+        for url in () if args.workers_only or args.reads_only else (f"sqlite:///{tmp}/bench.db", pg):
             for loop, sampler, trials in (("tuner", "tpe", n), ("optuna", "tpe", n), ("tuner", "random", n // 4)):
                 r = loop_overhead(url, loop, sampler, trials)
                 out["overhead"].append(r)
                 print(f"{r['backend']:10} {loop:6} loop, {sampler:6}: {r['trials']} trials, "
                       f"{r['ms_per_trial_mean']:6.1f} ms/trial mean, first 100 {r['ms_per_trial_first100']:6.1f}, "
                       f"last 100 {r['ms_per_trial_last100']:6.1f} (goal <= 20 at 1,000)", flush=True)  # fmt: skip
-        for loop in ("tuner", "optuna"):
+        for url in () if args.workers_only else (f"sqlite:///{tmp}/reads.db", pg):
+            for size in (100, 1_000) if args.quick else (1_000, 10_000):
+                r = read_cost(url, size)
+                out["reads"].append(r)
+                print(f"{r['backend']:10} read of the last trial, in a study of {size:,} trials: "
+                      f"{r['ms_per_read']:.3f} ms", flush=True)  # fmt: skip
+        for loop in ("tuner", "optuna") if not args.reads_only else ():
             for w in counts:
                 r = workers_throughput(pg, loop, w, per_worker)
                 out["workers"].append(r)

@@ -170,6 +170,12 @@ def storage(d: dict) -> str:
                        f"| {r['ms_per_trial_mean']:.1f} | {r['ms_per_trial_first100']:.1f} "
                        f"| {r['ms_per_trial_last100']:.1f} |")  # fmt: skip
         out.append("")
+    if d.get("reads"):
+        out += ["| database | trials in the study | ms to read the last trial |", "|---|---:|---:|"]
+        out += [f"| {r['backend']} | {r['trials']:,} | {r['ms_per_read']:.3f} |" for r in d["reads"]]
+        out.append("")
+    if not d.get("workers"):
+        return "\n".join(out)
     out += ["| loop | workers | trials | elapsed s | ideal s | share of ideal | first trial late by s "
             "| share from the first trial |", "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in d["workers"]:
@@ -197,7 +203,8 @@ PRUNING = ("pruning_round11_seed0", "pruning_round11_seed1", "pruning_round11_se
 
 
 # every results file, newest round first, with the function that prints its table
-RESULTS = (("train_speed_goal_round11", train_speed), ("train_speed_bf16_round11", train_speed),
+RESULTS = (("storage_round12", storage), ("storage_round12_before", storage),
+           ("train_speed_goal_round11", train_speed), ("train_speed_bf16_round11", train_speed),
            ("fused_rnn_round11", fused_rnn), ("step_products_round11", step_products),
            ("trial_overhead_round11", trial_overhead), ("trial_memory_round11", trial_overhead),
            ("trial_memory_cache0_round11", trial_overhead),

@@ -151,6 +151,24 @@ def test_reading_trials_gives_what_optunas_read_gives(any_url, monkeypatch):
         ours._get_trials(study._study_id + 1000, None, set(), -1)
 
 
+def test_reading_a_few_trials_of_a_study_does_not_walk_all_of_its_trials(url):
+    """The cache's usual read (the unfinished trials and any newer) finds the trials by their ids. SQLite keeps
+    no planner statistics unless told to: it had looked them up through the study's index, filtering out all
+    the study's other trials, twice a trial (a read of one trial took 0.15 ms at 1,000 trials, 5.1 ms at
+    10,000; bench/storage.py measures it)."""
+    storage = storages.open_storage(url, create=True)
+    statement = storages._trials_and_related(False, "ids", "sqlite")
+    bound = statement.params(study_id=1, ids=[5], above=9)
+    with storage.engine.connect() as conn:
+        sql = bound.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True, "render_postcompile": True})
+        plan = conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}").all()
+    steps = [row[-1] for row in plan]
+    on_trials = [s for s in steps if s.startswith(("SCAN trials", "SEARCH trials"))]
+    assert len(on_trials) == 12, steps  # the trials, and for each table of what they hold: by id, and above an id
+    assert all("PRIMARY KEY" in s for s in on_trials), steps
+    assert not any("ix_trials_study_id" in s for s in steps), steps
+
+
 CASES = [
     # (directions, reports, tell arguments)
     (("maximize",), [], {"values": 0.5}),
