@@ -171,8 +171,11 @@ def storage(d: dict) -> str:
                        f"| {r['ms_per_trial_last100']:.1f} |")  # fmt: skip
         out.append("")
     if d.get("reads"):
-        out += ["| database | trials in the study | ms to read the last trial |", "|---|---:|---:|"]
-        out += [f"| {r['backend']} | {r['trials']:,} | {r['ms_per_read']:.3f} |" for r in d["reads"]]
+        out += ["| database | trials in the study | ms a read, one worker | ms a read, a trial unfinished since "
+                "the middle |", "|---|---:|---:|---:|"]  # fmt: skip
+        out += [f"| {r['backend']} | {r['trials']:,} | {r['ms_per_read']:.3f} "
+                f"| {r['ms_per_read_older']:.3f} |" if "ms_per_read_older" in r else
+                f"| {r['backend']} | {r['trials']:,} | {r['ms_per_read']:.3f} | - |" for r in d["reads"]]  # fmt: skip
         out.append("")
     if not d.get("workers"):
         return "\n".join(out)
@@ -203,7 +206,7 @@ PRUNING = ("pruning_round11_seed0", "pruning_round11_seed1", "pruning_round11_se
 
 
 # every results file, newest round first, with the function that prints its table
-RESULTS = (("storage_round12", storage), ("storage_round12_before", storage),
+RESULTS = (("storage_round12", storage), ("storage_round12_before", storage), ("storage_reads_round12_before", storage),
            ("train_speed_goal_round11", train_speed), ("train_speed_bf16_round11", train_speed),
            ("fused_rnn_round11", fused_rnn), ("step_products_round11", step_products),
            ("trial_overhead_round11", trial_overhead), ("trial_memory_round11", trial_overhead),
