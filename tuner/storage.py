@@ -735,8 +735,9 @@ def _trials_and_related(with_states: bool, mode: str, dialect: str) -> sqlalchem
     after the rows changed) the databases looked the trials up through the study's index and filtered out all
     the others, and PostgreSQL also scanned the attribute and value tables whole: at 10,000 trials, reading one
     took 5.1 ms on SQLite and 11.5 ms on PostgreSQL. So, except for "all", the study's index is left out of the
-    choice (`study_id + 0`: the trials are found by their ids), and on PostgreSQL the other tables are read for
-    an array of the trials' ids (`= ANY(ARRAY(...))`: by their indexes, whatever the statistics say)."""
+    choice (`study_id + 0`: the trials are found by their ids), and on PostgreSQL each trial found has its rows
+    in the other tables read by their index on trial_id (a LATERAL subquery, kept apart from the join by
+    OFFSET 0, so that the planner cannot make it a scan of the whole table, whatever the statistics say)."""
     from optuna.storages._rdb import models
 
     trials = models.TrialModel.__table__
@@ -755,35 +756,30 @@ def _trials_and_related(with_states: bool, mode: str, dialect: str) -> sqlalchem
     elif mode == "above":
         where &= trials.c.trial_id > sqlalchemy.bindparam("above")
 
-    def branch(kind: int, table, key, number, value, text, start=None, complete=None, row_id=None):
+    def branch(kind: int, table, fields):
+        """The select of one kind of row: `fields(c)`, given the table's columns `c`, gives the key, number,
+        value, text, start, complete and row id (None for NULL; the row id None for the table's primary key)."""
+        if table is trials:
+            c, source, chosen = trials.c, trials, where
+        elif by_ids and dialect == "postgresql":  # for each trial found, its rows by the index on trial_id
+            found = sqlalchemy.select(trials.c.trial_id).where(where).subquery()
+            rows = sqlalchemy.select(table).where(table.c.trial_id == found.c.trial_id)
+            rows = rows.offset(sqlalchemy.literal_column("0")).lateral()
+            c, source, chosen = rows.c, found.join(rows, sqlalchemy.true()), None
+        else:
+            c, source, chosen = table.c, table.join(trials, table.c.trial_id == trials.c.trial_id), where
+        key, number, value, text, start, complete, row_id = fields(c)
+        row_id = c[table.primary_key.columns.values()[0].name] if row_id is None else row_id
+        labels = ("kind", "trial_id", "row_id", "key", "number", "value", "text", "start", "complete")
+        values = (sqlalchemy.literal(kind, sqlalchemy.Integer), c.trial_id, row_id, key, number, value, text,
+                  start, complete)  # fmt: skip
         # A bare NULL takes the type of the other selects' column (PostgreSQL resolves a union's types pair by
         # pair, and every pair here has one typed side); casting a real column could lose precision (MySQL's
         # CAST AS FLOAT is single precision), so only enums are cast, to text.
-        def column(c, label):
-            return (sqlalchemy.null() if c is None else c).label(label)
-
-        if table is trials:
-            joined, chosen = trials, where
-        elif by_ids and dialect == "postgresql":
-            ids = sqlalchemy.func.array(sqlalchemy.select(trials.c.trial_id).where(where).scalar_subquery())
-            joined, chosen = table, table.c.trial_id == sqlalchemy.any_(ids)
-        else:
-            joined, chosen = table.join(trials, table.c.trial_id == trials.c.trial_id), where
-        return (
-            sqlalchemy.select(
-                sqlalchemy.literal(kind, sqlalchemy.Integer).label("kind"),
-                table.c.trial_id,
-                column(table.primary_key.columns.values()[0] if row_id is None else row_id, "row_id"),
-                column(key, "key"),
-                column(number, "number"),
-                column(value, "value"),
-                column(text, "text"),
-                column(start, "start"),
-                column(complete, "complete"),
-            )
-            .select_from(joined)
-            .where(chosen)
-        )
+        select = sqlalchemy.select(
+            *((sqlalchemy.null() if x is None else x).label(label) for x, label in zip(values, labels))
+        ).select_from(source)
+        return select if chosen is None else select.where(chosen)
 
     def as_text(c):
         return sqlalchemy.cast(c, sqlalchemy.Text)
@@ -795,16 +791,19 @@ def _trials_and_related(with_states: bool, mode: str, dialect: str) -> sqlalchem
             models.TrialSystemAttributeModel, models.TrialIntermediateValueModel,
         )
     )  # fmt: skip
-    t = trials
     union = sqlalchemy.union_all(
         branch(
-            0, t, None, t.c.number, None, as_text(t.c.state), t.c.datetime_start, t.c.datetime_complete, t.c.trial_id
+            0,
+            trials,
+            lambda c: (None, c.number, None, as_text(c.state), c.datetime_start, c.datetime_complete, c.trial_id),
         ),
-        branch(1, p, p.c.param_name, None, p.c.param_value, p.c.distribution_json),
-        branch(2, v, None, v.c.objective, v.c.value, as_text(v.c.value_type)),
-        branch(3, u, u.c.key, None, None, u.c.value_json),
-        branch(4, s, s.c.key, None, None, s.c.value_json),
-        branch(5, i, None, i.c.step, i.c.intermediate_value, as_text(i.c.intermediate_value_type)),
+        branch(1, p, lambda c: (c.param_name, None, c.param_value, c.distribution_json, None, None, None)),
+        branch(2, v, lambda c: (None, c.objective, c.value, as_text(c.value_type), None, None, None)),
+        branch(3, u, lambda c: (c.key, None, None, c.value_json, None, None, None)),
+        branch(4, s, lambda c: (c.key, None, None, c.value_json, None, None, None)),
+        branch(
+            5, i, lambda c: (None, c.step, c.intermediate_value, as_text(c.intermediate_value_type), None, None, None)
+        ),
     ).subquery()
     columns = [c for c in union.c if c.name != "row_id"]
     return sqlalchemy.select(*columns).order_by(union.c.kind, union.c.trial_id, union.c.row_id)
