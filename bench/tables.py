@@ -206,7 +206,8 @@ PRUNING = ("pruning_round11_seed0", "pruning_round11_seed1", "pruning_round11_se
 
 
 # every results file, newest round first, with the function that prints its table
-RESULTS = (("storage_round12", storage), ("storage_round12_before", storage), ("storage_reads_round12_before", storage),
+RESULTS = (("storage_round12b", storage), ("storage_round12", storage), ("storage_round12_ee152c9", storage),
+           ("storage_round12_before", storage), ("storage_reads_round12_before", storage),
            ("train_speed_goal_round11", train_speed), ("train_speed_bf16_round11", train_speed),
            ("fused_rnn_round11", fused_rnn), ("step_products_round11", step_products),
            ("trial_overhead_round11", trial_overhead), ("trial_memory_round11", trial_overhead),
