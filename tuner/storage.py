@@ -720,7 +720,7 @@ class TunerStorage(RDBStorage):
         return _frozen_trials(rows)
 
 
-@functools.cache  # built once per shape (eight at most): building a union of six selects costs about 1 ms
+@functools.cache  # built once per shape (eight per kind of database): building a union of six selects costs about 1 ms
 def _trials_and_related(with_states: bool, mode: str, dialect: str) -> sqlalchemy.Select:
     """One statement (so one snapshot) for a study's trials and everything Optuna keeps beside them: rows
     (kind, trial_id, key, number, value, text, start, complete), ordered by kind and the order the database
