@@ -102,8 +102,10 @@ def test_several_runs_of_one_grid_combine_into_mean_and_spread(run, tiny_grid, d
 
 
 def start_long_grid(tiny_grid: Path, db: str, name: str) -> subprocess.Popen:
-    """A grid worker in its own process, returned once one of its trials is RUNNING."""
-    cmd = [sys.executable, "-m", "tuner.cli", "grid", str(tiny_grid), "--epochs", "30", "--subset", "2000",
+    """A grid worker in its own process, returned once one of its trials is RUNNING (and 2 s into it). Its
+    trials are long enough (500 epochs) to be running still on the fastest machine: with 30 epochs, one
+    finished within those 2 s, and the signal came between trials, with nothing to hand back."""
+    cmd = [sys.executable, "-m", "tuner.cli", "grid", str(tiny_grid), "--epochs", "500", "--subset", "2000",
            "--storage", db, "--study-name", name]  # fmt: skip
     # SIGINT as at a terminal: a shell without job control starts background commands (`pytest &`) with it
     # ignored, and the worker would then rightly ignore Ctrl-C.
