@@ -5,8 +5,10 @@ MariaDB (tests/dbservers.py: nothing skips)."""
 
 from __future__ import annotations
 
+import fcntl
 import math
 import signal
+import threading
 import time
 
 import dbservers
@@ -98,6 +100,86 @@ def test_claim_keeps_the_budget(any_url):
     assert studies.claim(study, url, new_trials_left=left) is not None
     assert studies.claim(study, url, new_trials_left=left) is None
     assert len(fresh(url).get_all_trials(study._study_id)) == 2
+
+
+def _study_lock_is_free(url, name: str) -> bool:
+    """Whether another process could take the study lock `name` at this moment (taking it and freeing it)."""
+    if url.get_backend_name() == "sqlite":
+        path = storages.sqlite_path(url)
+        with open(path.with_name(path.name + ".lock"), "a+") as fh:  # a file of its own: flock conflicts
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            fcntl.flock(fh, fcntl.LOCK_UN)
+            return True
+    key = storages._lock_key(name)
+    engine = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT", poolclass=sqlalchemy.pool.NullPool)
+    with engine.connect() as conn:
+        if url.get_backend_name() == "postgresql":
+            free = conn.execute(sqlalchemy.text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar()
+            if free:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+            return free
+        name = storages._mysql_lock_name(key)
+        return conn.execute(sqlalchemy.text("SELECT IS_FREE_LOCK(:n)"), {"n": name}).scalar() == 1
+
+
+def test_a_claim_counts_and_creates_under_the_study_lock(any_url):
+    """The budget is counted and the new trial made while no other worker, and no reaper queueing a dead
+    worker's trial again (`study_lock`), can change the study: on PostgreSQL under a lock of the claim's own
+    transaction, elsewhere under `study_lock` itself."""
+    url = any_url
+    study = new_study(url)
+    name = studies._claim_lock(study)
+    left, _ = studies.search_budget(2)
+    seen = []
+    rdb = storages.backend(study)
+    assert rdb.claim_trial(
+        study._study_id, "w", lambda counts: seen.append(_study_lock_is_free(url, name)) or left(counts), lock=name
+    )
+    assert seen == [False] and _study_lock_is_free(url, name)  # held while counting, free once committed
+    assert (
+        rdb.claim_trial(study._study_id, "w", lambda counts: seen.append(_study_lock_is_free(url, name)), lock=None)
+        is None
+    )
+    assert seen == [False, True]  # no lock asked: none taken
+
+
+def test_a_postgresql_claim_waits_for_the_study_lock_before_it_locks_the_study(tmp_path):
+    """Whoever holds `study_lock` (another worker's grid step, a reaper) and then numbers a trial locks the
+    study's row after the lock; a claim takes them in the same order, so the two cannot deadlock: while it waits
+    for the lock, the study's row is free."""
+    with dbservers.fresh_database(dbservers.ensure("postgresql")) as raw:
+        url = storages.resolve(raw)
+        study = new_study(url)
+        name = studies._claim_lock(study)
+        left, _ = studies.search_budget(5)
+        holder = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT", poolclass=sqlalchemy.pool.NullPool)
+        result: list = []
+        key = storages._lock_key(name)
+        with holder.connect() as held, holder.connect() as other:
+            held.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            rdb = storages.backend(study)
+            claim = threading.Thread(
+                target=lambda: result.append(rdb.claim_trial(study._study_id, "w", left, lock=name))
+            )
+            claim.start()
+            try:
+                time.sleep(0.5)
+                assert claim.is_alive() and result == []  # waiting for the lock
+                row = other.execute(
+                    sqlalchemy.text("SELECT study_id FROM studies WHERE study_id = :s FOR UPDATE NOWAIT"),
+                    {"s": study._study_id},
+                ).scalar()  # the row is not held meanwhile: NOWAIT would raise
+                assert row == study._study_id
+            finally:
+                held.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                claim.join(10)
+        assert not claim.is_alive() and result[0].number == 0
+        with rdb.engine.connect() as conn:  # the claim's connection (the pool hands out the last used): the
+            assert conn.execute(sqlalchemy.text("SHOW lock_timeout")).scalar() == "0"  # timeout was its transaction's
+        holder.dispose()
 
 
 def rich_study(url) -> optuna.Study:

@@ -8,8 +8,9 @@ from any driver message before it is shown.
 Two things Optuna's RDBStorage leaves to its user when many workers share a database:
 
 - A lock (`study_lock`) to serialise the steps that are racy: creating the schema on an empty database,
-  seeding and claiming grid cells, failing a dead worker's trial and queueing it again. It is a PostgreSQL
-  advisory lock, a MySQL named lock, or a file lock beside a SQLite file: no table of our own.
+  seeding and claiming grid cells, taking a search's next trial, failing a dead worker's trial and queueing it
+  again. It is a PostgreSQL advisory lock, a MySQL named lock, or a file lock beside a SQLite file: no table of
+  our own. On PostgreSQL a search's claim takes it for its own transaction (`TunerStorage.claim_trial`).
 - Riding out a database restart. RDBStorage turns a dropped connection into `StorageInternalError` and gives
   up; a ping on checkout only replaces connections that died while idle in the pool. `TunerStorage` retries
   every storage call that failed for a transient reason (server down, connection lost, starting up) with
@@ -57,6 +58,7 @@ MANY_IDS = 500  # unfinished trials a read of the study names one by one; beyond
 DEFAULT_DB_WAIT_S = 120.0  # how long a worker waits for a database that went away before giving up
 MAX_BACKOFF_S = 10.0
 PING_IDLE_S = 1.0  # a pooled connection idle longer than this is pinged before use (see `ping_when_idle`)
+LOCK_TIMEOUT_S = 120.0  # how long a worker waits for a study lock before the wait counts as an outage
 
 _log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -385,27 +387,47 @@ class TunerStorage(RDBStorage):
         return make_url(self.url)
 
     def claim_trial(
-        self, study_id: int, worker: str, new_allowed: Callable[[dict[TrialState, int]], bool] | None
+        self,
+        study_id: int,
+        worker: str,
+        new_allowed: Callable[[dict[TrialState, int]], bool] | None,
+        *,
+        lock: str | None = None,
     ) -> FrozenTrial | None:
         """The study's first queued trial, else (if `new_allowed(counts)` says so, given the study's trial counts
         by state) a new one, made RUNNING for `worker` with its first heartbeat and its `worker` user attribute,
-        all in one transaction under the lock on the study's row (the one Optuna takes to number a new trial).
-        Returns the trial as it now is, or None if there is nothing to take and no new trial allowed. The next
-        `get_trial` of it is served from what this read, without reading it again.
+        all in one transaction under the lock on the study's row (the one Optuna takes to number a new trial)
+        and, if `lock` is given, under the study lock of that name (`study_lock`) too. Returns the trial as it
+        now is, or None if there is nothing to take and no new trial allowed. The next `get_trial` of it is
+        served from what this read, without reading it again.
 
         Step by step with Optuna's calls (look for a queued trial, count, create, record a heartbeat, set
         RUNNING, read the trial back, set the worker), taking a trial costs about 40 round trips to the
-        database; here 7 (a new trial: 5 on PostgreSQL, where its three rows go in one statement) or 9 (a queued
-        one), in SQL statements of its own rather than the ORM.
+        database; here 7 (a new trial) or 9 (a queued one), in SQL statements of its own rather than the ORM,
+        plus 2 to take and free `lock`. On PostgreSQL a new trial takes 5, lock included: its three rows go in
+        one statement, and the lock is PostgreSQL's lock for the transaction, taken in the statement that locks
+        the study's row and freed when the transaction ends (`_study_row_locked`).
         """
         from optuna.storages._rdb import models
 
         studies, trials = models.StudyModel.__table__, models.TrialModel.__table__
+        in_transaction = lock is not None and self.engine.dialect.name == "postgresql"
 
         def attempt() -> FrozenTrial | None:
+            if lock is None or in_transaction:
+                return take()
+            with study_lock(self.tuner_url, lock):
+                return take()
+
+        def take() -> FrozenTrial | None:
             with self.engine.begin() as conn:
-                locked = sqlalchemy.select(studies.c.study_id).where(studies.c.study_id == study_id).with_for_update()
-                if conn.execute(locked).first() is None:
+                if in_transaction:
+                    locked = _study_row_locked()
+                    found = conn.execute(locked, {"study_id": study_id, "key": _lock_key(lock)}).first()
+                else:
+                    locked = sqlalchemy.select(studies.c.study_id).where(studies.c.study_id == study_id)
+                    found = conn.execute(locked.with_for_update()).first()
+                if found is None:
                     raise KeyError(models.NOT_FOUND_MSG)
                 census = conn.execute(
                     sqlalchemy.select(
@@ -1027,7 +1049,7 @@ _LOCAL = threading.Lock()
 
 
 @contextlib.contextmanager
-def study_lock(url: URL, name: str, *, timeout_s: float = 120.0) -> Iterator[None]:
+def study_lock(url: URL, name: str, *, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
     """Hold a lock named `name` across every process sharing this database, for a few milliseconds' work.
 
     Storage calls inside do not wait out an outage (the lock may have gone with the connection): the block
@@ -1049,14 +1071,14 @@ def study_lock(url: URL, name: str, *, timeout_s: float = 120.0) -> Iterator[Non
                     fcntl.flock(fh, fcntl.LOCK_UN)
             return
         engine = _lock_engine(url, timeout_s)
-        key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+        key = _lock_key(name)
         with engine.connect() as conn:  # in autocommit mode: one round trip to take the lock, one to free it
             if backend == "postgresql":
                 conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
                 release = sqlalchemy.text("SELECT pg_advisory_unlock(:k)")
                 params: dict = {"k": key}
             else:
-                lock_name = f"tuner:{key:x}"[:64]
+                lock_name = _mysql_lock_name(key)
                 got = conn.execute(
                     sqlalchemy.text("SELECT GET_LOCK(:n, :t)"), {"n": lock_name, "t": int(timeout_s)}
                 ).scalar()
@@ -1075,6 +1097,32 @@ def study_lock(url: URL, name: str, *, timeout_s: float = 120.0) -> Iterator[Non
                     if not is_transient(exc):
                         raise
                     conn.invalidate()
+
+
+def _lock_key(name: str) -> int:
+    """The 64-bit key of the study lock `name` (PostgreSQL's advisory locks are numbered)."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+
+
+def _mysql_lock_name(key: int) -> str:
+    """The name of MySQL's lock for the study lock of key `key` (its names are strings of up to 64 characters)."""
+    return f"tuner:{key:x}"[:64]
+
+
+@functools.cache
+def _study_row_locked(timeout_s: float = LOCK_TIMEOUT_S) -> sqlalchemy.TextClause:
+    """PostgreSQL: one statement that takes the study lock for the transaction (`pg_advisory_xact_lock`, which
+    waits for `study_lock`'s hold on the same key and makes it wait), then locks the study's row, as
+    `study_lock` followed by a SELECT ... FOR UPDATE would, without the two round trips to take and free the
+    lock. The lock comes first, as everywhere else: the sub-select is run once, before the scan (an InitPlan),
+    and FOR UPDATE locks the row found by the scan. Waiting for the lock gives up after `timeout_s`, as
+    `study_lock`'s wait does; the setting holds for this transaction only. Returns the study's id, or no row."""
+    return sqlalchemy.text(
+        "SELECT studies.study_id FROM studies WHERE studies.study_id = :study_id"
+        " AND (SELECT pg_advisory_xact_lock(:key)"
+        f" FROM (SELECT set_config('lock_timeout', '{int(timeout_s * 1000)}', true)) AS timeout) IS NOT NULL"
+        " FOR UPDATE"
+    )
 
 
 _ENGINES: dict[str, sqlalchemy.Engine] = {}

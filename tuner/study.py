@@ -252,9 +252,8 @@ def claim(
     storage = study._storage
     rdb = storages.backend(study)
     if rdb is not None and grid_names is None:  # a search: one transaction under the study lock
-        frozen = _locked(
-            storage, url, _claim_lock(study), lambda: rdb.claim_trial(study._study_id, worker_id(), new_trials_left)
-        )
+        with storages.one_line_errors(url):
+            frozen = rdb.claim_trial(study._study_id, worker_id(), new_trials_left, lock=_claim_lock(study))
         if frozen is None:
             return None
         storages.remember(study, frozen)
