@@ -189,10 +189,12 @@ def storage(d: dict) -> str:
     return "\n".join(out)
 
 
-# pruning results: the eleventh and ninth rounds' checks of the default, the eighth round's default, then the
-# fourth and fifth rounds' default (steps counted in epochs trained), the median pruner, the earlier default
-# (Keras's 0-based epoch index as the step) and its experiments
-PRUNING = ("pruning_round11_seed0", "pruning_round11_seed1", "pruning_round11_seed2", "pruning_round11_seed3",
+# pruning results: the thirteenth, eleventh and ninth rounds' checks of the default, the eighth round's default,
+# then the fourth and fifth rounds' default (steps counted in epochs trained), the median pruner, the earlier
+# default (Keras's 0-based epoch index as the step) and its experiments
+PRUNING = ("pruning_round13_seed0", "pruning_round13_seed1", "pruning_round13_seed2", "pruning_round13_seed3",
+           "pruning_round13_seed4",
+           "pruning_round11_seed0", "pruning_round11_seed1", "pruning_round11_seed2", "pruning_round11_seed3",
            "pruning_round11_seed4", "pruning_round9_seed0", "pruning_round9_seed1", "pruning_round9_seed2",
            "pruning_round9_seed3",
            "pruning_round9_seed4", "pruning_round8_seed0", "pruning_round8_seed1", "pruning_round8_seed2",
@@ -206,7 +208,12 @@ PRUNING = ("pruning_round11_seed0", "pruning_round11_seed1", "pruning_round11_se
 
 
 # every results file, newest round first, with the function that prints its table
-RESULTS = (("storage_round12b", storage), ("storage_round12", storage), ("storage_round12_ee152c9", storage),
+RESULTS = (("storage_round13b", storage), ("storage_round13b_before", storage), ("storage_round13", storage),
+           ("storage_round13_before", storage), ("train_speed_goal_round13", train_speed),
+           ("step_products_round13", step_products), ("trial_overhead_round13", trial_overhead),
+           ("trial_memory_round13", trial_overhead),
+           ("fused_rnn_round13", fused_rnn), ("vs_kerastuner_round13", vs_kerastuner),
+           ("storage_round12b", storage), ("storage_round12", storage), ("storage_round12_ee152c9", storage),
            ("storage_round12_before", storage), ("storage_reads_round12_before", storage),
            ("train_speed_goal_round11", train_speed), ("train_speed_bf16_round11", train_speed),
            ("fused_rnn_round11", fused_rnn), ("step_products_round11", step_products),
