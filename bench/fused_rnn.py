@@ -6,11 +6,13 @@
 For SimpleRNN-128 at batch 256 and GRU-128 at batch 128 (two of bench/train_speed.py's goal configurations):
 models built by `tuner.models.build_model` from the same seed, one with tuner's layers (as shipped), one with
 Keras's (as tuner built them before: SimpleRNN unrolled, GRU in Keras's `while_loop`), and for SimpleRNN one
-with Keras's rolled loop, trained by `tuner.models.train` in turns, one epoch each per round, so that the
-machine's drift (10-50% between runs on these shared machines) hits all alike. Reported: each model's first
-call (tracing the train step plus a few batches), the median epoch, the per-round speed-up, and every epoch's
-loss and accuracy: they compute the same function from the same weights and batches, so their figures should
-agree to float rounding.
+with Keras's rolled loop, one with the recurrence run by numpy (`numpy_simple_rnn`) and one without the
+recurrence's dependence between steps (`recurrence_bound.chainless_layer`, a bound), trained by
+`tuner.models.train` in turns, one epoch each per round, so that the machine's drift (10-50% between runs on
+these shared machines) hits all alike. Reported: each model's first call (tracing the train step plus a few
+batches), the median epoch and its ratio to goal 1's floor, the per-round speed-up, and every epoch's loss and
+accuracy: all but the bound compute the same function from the same weights and batches, so their figures
+should agree to float rounding.
 """
 
 from __future__ import annotations
@@ -25,18 +27,21 @@ CONFIGS = [("SimpleRNN", 128, 256), ("GRU", 128, 128)]  # LSTM: Keras's layer in
 
 
 def build(cell: str, units: int, layer=None):
-    """build_model's model, with `layer` (a Keras layer class) in place of tuner's when given."""
+    """build_model's model, with `layer` (a Keras layer class) in place of tuner's (or Keras's) when given."""
     from tuner import models, recurrent
 
     config = models.ModelConfig(cell=cell, units=units)
     if layer is None:
         return models.build_model(config, seed=0)
-    ours = getattr(recurrent, cell)
+    ours = getattr(recurrent, cell, None)  # build_model takes tuner's layer for the cell if there is one
     setattr(recurrent, cell, layer)
     try:
         return models.build_model(config, seed=0)
     finally:
-        setattr(recurrent, cell, ours)
+        if ours is None:
+            delattr(recurrent, cell)
+        else:
+            setattr(recurrent, cell, ours)
 
 
 def keras_variants(cell: str) -> dict:
@@ -49,15 +54,92 @@ def keras_variants(cell: str) -> dict:
     return {"keras": functools.partial(layer, unroll=True), "keras_rolled": layer}
 
 
+def _last_state_simple_rnn(run):
+    """tuner's SimpleRNN (last state only) whose recurrence is `run(xw, recurrent_kernel)`, xw being every
+    step's input product with the bias, (steps, batch, units), made by TensorFlow as one product."""
+    import tensorflow as tf
+
+    from tuner import recurrent
+
+    class LastStateSimpleRNN(recurrent.SimpleRNN):
+        def _recurrence(self, x, cell):
+            if self.return_sequences:
+                raise NotImplementedError("this recurrence returns the last state only")
+            steps = x.shape[1]
+            flat = tf.reshape(tf.transpose(x, (1, 0, 2)), (-1, x.shape[-1]))
+            xw = tf.reshape(tf.matmul(flat, cell.kernel) + cell.bias, (steps, -1, cell.units))
+            return run(xw, tf.convert_to_tensor(cell.recurrent_kernel)), []
+
+    return LastStateSimpleRNN
+
+
+def _kernel_gradient(hs, dz, units: int):
+    """The recurrent kernel's gradient as one TensorFlow product over all steps: states 0..T-2 against the
+    pre-activation gradients of steps 1..T-1."""
+    import tensorflow as tf
+
+    return tf.matmul(tf.reshape(hs[:-1], (-1, units)), tf.reshape(dz[1:], (-1, units)), transpose_a=True)
+
+
+def numpy_simple_rnn():
+    """tuner's SimpleRNN with its 28 steps run by numpy inside the train step (`tf.numpy_function`), forward and
+    backward: the BLAS called once a step, no TensorFlow op per step. The input products, and the recurrent
+    kernel's gradient as one product over all steps, stay TensorFlow's. A lever measured, not shipped (it holds
+    Python's lock while it runs, and `return_sequences` is not covered): the nearest thing to a compiled
+    kernel calling the BLAS per step that needs no compiler (BENCHMARKS.md, section 1)."""
+    import numpy as np
+    import tensorflow as tf
+
+    def forward(xw, u):  # -> every step's state
+        hs = np.empty_like(xw)
+        np.tanh(xw[0], out=hs[0])
+        for t in range(1, len(xw)):
+            np.matmul(hs[t - 1], u, out=hs[t])
+            hs[t] += xw[t]
+            np.tanh(hs[t], out=hs[t])
+        return hs
+
+    def backward(dy, hs, u):  # dy: the last state's gradient; -> the gradient of every step's pre-activation
+        ut = np.ascontiguousarray(u.T)
+        dz, dh, tanh_grad = np.empty_like(hs), dy.copy(), np.empty_like(dy)
+        for t in range(len(hs) - 1, -1, -1):
+            np.multiply(hs[t], hs[t], out=tanh_grad)
+            np.subtract(1.0, tanh_grad, out=tanh_grad)
+            np.multiply(dh, tanh_grad, out=dz[t])
+            if t:
+                np.matmul(dz[t], ut, out=dh)
+        return dz
+
+    @tf.custom_gradient
+    def run(xw, kernel):
+        hs = tf.ensure_shape(tf.numpy_function(forward, [xw, kernel], tf.float32, stateful=False), xw.shape)
+
+        def grad(dy):
+            dz = tf.numpy_function(backward, [dy, hs, kernel], tf.float32, stateful=False)
+            dz = tf.ensure_shape(dz, xw.shape)
+            return dz, _kernel_gradient(hs, dz, kernel.shape[0])
+
+        return hs[-1], grad
+
+    return _last_state_simple_rnn(run)
+
+
 def measure(cell: str, units: int, batch_size: int, *, n: int, rounds: int) -> dict:
+    from recurrence_bound import chainless_layer
+    from train_speed import flops_per_sample
+
     from tuner import data, models
 
+    rate = benchlib.matmul_rate()["gflops"]
     full = data.load()
     warm_n = 4 * batch_size + n % batch_size
     warm = data.Splits(full.x_train[:warm_n], full.y_train[:warm_n], None, None, None, None, full.source)
     train = data.Splits(full.x_train[:n], full.y_train[:n], None, None, None, None, full.source)
     variants = {name: build(cell, units, layer) for name, layer in keras_variants(cell).items()}
     variants["tuner"] = build(cell, units)
+    if cell == "SimpleRNN":
+        variants["numpy"] = build(cell, units, numpy_simple_rnn())
+        variants["no_chain"] = build(cell, units, chainless_layer(cell))
     first_s, epochs = {}, {name: [] for name in variants}
     for name, model in variants.items():
         t = time.perf_counter()
@@ -71,17 +153,27 @@ def measure(cell: str, units: int, batch_size: int, *, n: int, rounds: int) -> d
             epochs[name].append({"round": r, "seconds": e.seconds, "loss": e.loss, "accuracy": e.accuracy})
     ratios = [k["seconds"] / t["seconds"] for k, t in zip(epochs["keras"], epochs["tuner"], strict=True)]
     median = {name: statistics.median(e["seconds"] for e in rows) for name, rows in epochs.items()}
+    rate = max(rate, benchlib.matmul_rate()["gflops"])
+    floor = flops_per_sample(cell, units) * n / (rate * 1e9)  # goal 1's floor (bench/train_speed.py)
     return {
         "config": f"{cell}-{units} batch {batch_size}",
         "n_train": n,
         "rounds": rounds,
         "first_call_s": first_s,
         "median_epoch_s": median,
+        "matmul_gflops": rate,
+        "floor_s": floor,
+        "ratio_to_floor": {name: seconds / floor for name, seconds in median.items()},
         "speedup_median": median["keras"] / median["tuner"],
         "speedup_per_round": ratios,
         "speedup_vs_rolled": median["keras_rolled"] / median["tuner"] if "keras_rolled" in median else None,
         "max_loss_difference": max(
             abs(k["loss"] - t["loss"]) for k, t in zip(epochs["keras"], epochs["tuner"], strict=True)
+        ),
+        "numpy_speedup": median["tuner"] / median["numpy"] if "numpy" in median else None,
+        "numpy_max_loss_difference": max(
+            (abs(k["loss"] - t["loss"]) for k, t in zip(epochs.get("numpy", []), epochs["tuner"], strict=False)),
+            default=None,
         ),
         "epochs": epochs,
     }
@@ -111,11 +203,20 @@ def main() -> None:
         if row["speedup_vs_rolled"] is not None:
             epoch, first = row["median_epoch_s"]["keras_rolled"], row["first_call_s"]["keras_rolled"]
             rolled = f"Keras's rolled {epoch:.2f} s ({row['speedup_vs_rolled']:.2f}x), first call {first:.2f} s; "
+        numpy = ""
+        if row["numpy_speedup"] is not None:
+            epoch, first = row["median_epoch_s"]["numpy"], row["first_call_s"]["numpy"]
+            bound, ratio = row["median_epoch_s"]["no_chain"], row["ratio_to_floor"]
+            numpy = (f"numpy's recurrence {epoch:.2f} s ({row['numpy_speedup']:.2f}x tuner's speed), first call "
+                     f"{first:.2f} s, loss within {row['numpy_max_loss_difference']:.1e} of tuner's; without the "
+                     f"dependent products (a bound) {bound:.2f} s; against the floor ({row['floor_s']:.2f} s): "
+                     f"tuner's {ratio['tuner']:.2f}x, numpy's {ratio['numpy']:.2f}x, without the dependent products "
+                     f"{ratio['no_chain']:.2f}x; ")  # fmt: skip
         print(f"{row['config']:24} n {args.n}: Keras's layers {row['median_epoch_s']['keras']:6.2f} s an epoch, "
               f"tuner's {row['median_epoch_s']['tuner']:6.2f} s (median of {args.rounds}): "
               f"{row['speedup_median']:.2f}x faster (per round {per_round}); first call "
               f"{row['first_call_s']['keras']:.2f} s against {row['first_call_s']['tuner']:.2f} s; "
-              f"{rolled}"
+              f"{rolled}{numpy}"
               f"largest loss difference {row['max_loss_difference']:.1e}", flush=True)  # fmt: skip
         benchlib.write_json(args.json, {"machine": machine, "rows": rows})
 

@@ -75,6 +75,33 @@ def fused_rnn(d: dict) -> str:
         out.append(f"| {r['config']} | {r['n_train']} | {r['rounds']} | {r['median_epoch_s']['keras']:.2f} "
                    f"| {r['median_epoch_s']['tuner']:.2f} | {r['speedup_median']:.2f}x | {per_round} | {first} "
                    f"| {rolled} | {r['max_loss_difference']:.1e} |")  # fmt: skip
+    rows = [r for r in d["rows"] if r.get("numpy_speedup")]
+    if rows:  # the numpy recurrence and the bound without the dependent steps (SimpleRNN, since the 14th round)
+        out += ["", "| configuration | floor s | tuner's: epoch s, / floor | numpy's recurrence: epoch s, / floor "
+                "| numpy's speed / tuner's | numpy's first call s | numpy's largest loss difference to tuner's "
+                "| without the dependence between steps: epoch s, / floor |",
+                "|---|---:|---|---|---:|---:|---:|---|"]  # fmt: skip
+        for r in rows:
+            m, ratio = r["median_epoch_s"], r["ratio_to_floor"]
+            out.append(f"| {r['config']} | {r['floor_s']:.2f} | {m['tuner']:.2f}, {ratio['tuner']:.2f}x "
+                       f"| {m['numpy']:.2f}, {ratio['numpy']:.2f}x | {r['numpy_speedup']:.2f}x "
+                       f"| {r['first_call_s']['numpy']:.2f} | {r['numpy_max_loss_difference']:.1e} "
+                       f"| {m['no_chain']:.2f}, {ratio['no_chain']:.2f}x |")  # fmt: skip
+    return "\n".join(out)
+
+
+def recurrence_bound(d: dict) -> str:
+    out = ["| configuration | floor s | shipped: median epoch s | / floor | without the dependence between steps: "
+           "median epoch s | / floor | numpy's dependent products, an epoch s | best kernel s | / floor (goal <= 1.5) "
+           "| per round s (shipped / without) |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+    for r in d["rows"]:
+        m, ratio = r["median_epoch_s"], r["ratio"]
+        rounds = ", ".join(f"{a['seconds']:.2f} / {b['seconds']:.2f}"
+                           for a, b in zip(r["epochs"]["shipped"], r["epochs"]["chainless"], strict=True))  # fmt: skip
+        out.append(f"| {r['config']} | {r['floor_s']:.2f} | {m['shipped']:.2f} | {ratio['shipped']:.2f}x "
+                   f"| {m['chainless']:.2f} | {ratio['chainless']:.2f}x | {r['numpy_chain_epoch_s']:.2f} "
+                   f"| {r['best_kernel_s']:.2f} | {r['best_kernel_ratio']:.2f}x | {rounds} |")  # fmt: skip
     return "\n".join(out)
 
 
@@ -208,7 +235,10 @@ PRUNING = ("pruning_round13_seed0", "pruning_round13_seed1", "pruning_round13_se
 
 
 # every results file, newest round first, with the function that prints its table
-RESULTS = (("storage_round13b", storage), ("storage_round13b_before", storage), ("storage_round13", storage),
+RESULTS = (("train_speed_goal_round14", train_speed), ("step_products_round14", step_products),
+           ("fused_rnn_numpy_round14", fused_rnn), ("recurrence_bound_round14", recurrence_bound),
+           ("fused_rnn_round14", fused_rnn),
+           ("storage_round13b", storage), ("storage_round13b_before", storage), ("storage_round13", storage),
            ("storage_round13_before", storage), ("train_speed_goal_round13", train_speed),
            ("step_products_round13", step_products), ("trial_overhead_round13", trial_overhead),
            ("trial_memory_round13", trial_overhead),

@@ -1,0 +1,164 @@
+"""What the rest of a train step costs: goal 1's epochs with the recurrence's dependence between steps taken out.
+
+    python bench/recurrence_bound.py --json bench/results/recurrence_bound.json    # about 5 minutes on 2 cores
+    python bench/recurrence_bound.py --quick
+
+Goal 1 (`bench/train_speed.py`) asks for an epoch within 1.5x of its floor (the epoch's matrix-product FLOPs at the
+2048x2048 rate). `bench/step_products.py` bounds the recurrence's 56 dependent products; this bounds the rest.
+For each of goal 1's configurations two models are built by `tuner.models.build_model` from the same seed and
+trained by `tuner.models.train` in turns, one full-data epoch each per round, so that the machine's drift hits
+both alike:
+- `shipped`: the model as `tuner grid` and `tuner search` train it;
+- `chainless`: the same model with its recurrence replaced by a stand-in without the dependence between steps
+  (`chainless_layer`): every step's state is tanh of the first `units` columns of its own input product, and
+  backward the last state's gradient reaches every step through that tanh alone. Everything else of the train
+  step stays: the input products of all gates and their gradients, the recurrent kernel's gradient (one product
+  of the same size as the real one), the dense layer, the loss, Adam's updates of the same variables, Keras's
+  loop and tuner's pipeline. It drops the 56 dependent products and the gates' per-step elementwise work.
+
+So the chainless epoch is what the rest of the step costs. A kernel for the recurrence, however it is made, adds
+its own time to it: at best the dependent products at the rate numpy's BLAS runs them (timed here as
+`bench/step_products.py` does), with the gates' elementwise work free. `best_kernel_s` is that sum, and
+`best_kernel_ratio` its ratio to the floor: if it is above 1.5, no implementation of the recurrence alone can
+meet goal 1 on this machine. The stand-in computes another function: its loss is not comparable.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+
+import benchlib
+import numpy as np
+from fused_rnn import build
+from step_products import _state, numpy_chain
+from train_speed import CONFIGS, N_FULL, N_QUICK, flops_per_sample
+
+
+def _chainless_run():
+    """The stand-in recurrence, as a `tf.custom_gradient` of (xw, recurrent_kernel, recurrent_bias):
+    xw is every step's input product with its bias, (steps, batch, g*units). Returns the last state."""
+    import tensorflow as tf
+
+    @tf.custom_gradient
+    def run(xw, kernel, rbias):
+        units = kernel.shape[0]
+        hs = tf.tanh(xw[..., :units] + rbias[:units])
+
+        def grad(dy):
+            dz = tf.raw_ops.TanhGrad(y=hs, dy=tf.broadcast_to(dy, tf.shape(hs)))
+            dxw = tf.pad(dz, [[0, 0], [0, 0], [0, kernel.shape[1] - units]])  # the other gates' columns: zero
+            flat = (-1, kernel.shape[1])
+            dkernel = tf.matmul(tf.reshape(hs[:-1], (-1, units)), tf.reshape(dxw[1:], flat), transpose_a=True)
+            return dxw, dkernel, tf.reduce_sum(dxw, (0, 1))
+
+        return hs[-1], grad
+
+    return run
+
+
+def chainless_layer(cell: str):
+    """tuner's layer for `cell` (Keras's for LSTM, with tuner's training path around it), its recurrence the
+    stand-in: same weights, same input products, no dependence between steps."""
+    import keras
+    import tensorflow as tf
+
+    from tuner import recurrent
+
+    run = _chainless_run()
+    base = getattr(recurrent, cell, None) or type(cell, (recurrent._Fused, getattr(keras.layers, cell)), {})
+
+    class Chainless(base):
+        def _recurrence(self, x, cell):
+            if self.return_sequences:
+                raise NotImplementedError("the stand-in returns the last state only")
+            bias = cell.bias
+            input_bias, rbias = (bias[0], bias[1]) if len(bias.shape) == 2 else (bias, tf.zeros_like(bias))
+            steps, width = x.shape[1], cell.kernel.shape[1]
+            flat = tf.reshape(tf.transpose(x, (1, 0, 2)), (-1, x.shape[-1]))
+            xw = tf.reshape(tf.matmul(flat, cell.kernel) + input_bias, (steps, -1, width))
+            last = run(xw, tf.convert_to_tensor(cell.recurrent_kernel), tf.convert_to_tensor(rbias))
+            return last, [last] if isinstance(cell.state_size, list | tuple) and len(cell.state_size) == 2 else []
+
+    return Chainless
+
+
+def numpy_chain_seconds(cell: str, units: int, batch: int, repeats: int) -> float:
+    """Best time of one batch's 56 dependent products with numpy (bench/step_products.py's chain)."""
+    from train_speed import GATES
+
+    h0, u = _state(np.random.default_rng(0), batch, units, GATES[cell])
+    chain = numpy_chain(h0, u)
+    return min(benchlib._timed(chain) for _ in range(repeats))
+
+
+def measure(cell: str, units: int, batch: int, *, n: int, rounds: int, repeats: int) -> dict:
+    from tuner import data, models
+
+    rate = benchlib.matmul_rate()["gflops"]
+    full = data.load()
+    warm_n = 4 * batch + n % batch
+    warm = data.Splits(full.x_train[:warm_n], full.y_train[:warm_n], None, None, None, None, full.source)
+    train = data.Splits(full.x_train[:n], full.y_train[:n], None, None, None, None, full.source)
+    variants = {"shipped": build(cell, units), "chainless": build(cell, units, chainless_layer(cell))}
+    first_s, epochs = {}, {name: [] for name in variants}
+    for name, model in variants.items():
+        t = time.perf_counter()
+        models.train(model, warm, batch_size=batch, epochs=1, seed=0, evaluate_test=False)
+        first_s[name] = time.perf_counter() - t
+    for r in range(rounds):
+        for name in list(variants) if r % 2 == 0 else reversed(list(variants)):
+            e = models.train(variants[name], train, batch_size=batch, epochs=1, seed=r, evaluate_test=False).epochs[0]
+            epochs[name].append({"round": r, "seconds": e.seconds, "loss": e.loss, "accuracy": e.accuracy})
+    chain_batch_s = numpy_chain_seconds(cell, units, batch, repeats)
+    rate = max(rate, benchlib.matmul_rate()["gflops"])
+    floor = flops_per_sample(cell, units) * n / (rate * 1e9)
+    median = {name: statistics.median(e["seconds"] for e in rows) for name, rows in epochs.items()}
+    chain_s = math.ceil(n / batch) * chain_batch_s
+    best = median["chainless"] + chain_s
+    return {
+        "config": f"{cell}-{units} batch {batch}",
+        "n_train": n,
+        "rounds": rounds,
+        "matmul_gflops": rate,
+        "floor_s": floor,
+        "first_call_s": first_s,
+        "median_epoch_s": median,
+        "ratio": {name: seconds / floor for name, seconds in median.items()},
+        "numpy_chain_batch_s": chain_batch_s,
+        "numpy_chain_epoch_s": chain_s,
+        "best_kernel_s": best,
+        "best_kernel_ratio": best / floor,
+        "epochs": epochs,
+    }
+
+
+def main() -> None:
+    p = benchlib.parser(__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=5, help="epochs per model, alternating (5)")
+    p.add_argument("--configs", default="SimpleRNN,LSTM,GRU", help="cells to measure")
+    args = p.parse_args()
+    n, rounds, repeats = (N_QUICK, 2, 5) if args.quick else (N_FULL, args.rounds, 20)
+    from tuner import models
+
+    models.limit_malloc_arenas()  # as the objective does for every worker
+    machine = benchlib.machine()
+    print(f"machine: {machine}")
+    rows = []
+    for cell, units, batch in CONFIGS:
+        if cell not in args.configs.split(","):
+            continue
+        row = measure(cell, units, batch, n=n, rounds=rounds, repeats=repeats)
+        rows.append(row)
+        m, ratio = row["median_epoch_s"], row["ratio"]
+        print(f"{row['config']:24} n {n}: shipped {m['shipped']:.2f} s an epoch = {ratio['shipped']:.2f}x the floor "
+              f"({row['floor_s']:.2f} s), without the dependence between steps {m['chainless']:.2f} s = "
+              f"{ratio['chainless']:.2f}x (median of {rounds}); the dependent products at numpy's rate add "
+              f"{row['numpy_chain_epoch_s']:.2f} s: a recurrence kernel could at best reach "
+              f"{row['best_kernel_s']:.2f} s = {row['best_kernel_ratio']:.2f}x (goal <= 1.5)", flush=True)  # fmt: skip
+        benchlib.write_json(args.json, {"machine": machine, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
