@@ -20,7 +20,9 @@ So the chainless epoch is what the rest of the step costs. A kernel for the recu
 its own time to it: at best the dependent products at the rate numpy's BLAS runs them (timed here as
 `bench/step_products.py` does), with the gates' elementwise work free. `best_kernel_s` is that sum, and
 `best_kernel_ratio` its ratio to the floor: if it is above 1.5, no implementation of the recurrence alone can
-meet goal 1 on this machine. The stand-in computes another function: its loss is not comparable.
+meet goal 1 on this machine. The stand-in computes another function: its loss is not comparable. Beside it, what
+the step's whole-sequence tensors (steps x batch x g*units floats) cost: one elementwise pass over one, and the
+input product of all steps (inner dimension 28), which the floor counts at the 2048x2048 rate.
 """
 
 from __future__ import annotations
@@ -93,6 +95,36 @@ def numpy_chain_seconds(cell: str, units: int, batch: int, repeats: int) -> floa
     return min(benchlib._timed(chain) for _ in range(repeats))
 
 
+def large_tensor_costs(cell: str, units: int, batch: int, repeats: int) -> dict:
+    """What the step's whole-sequence tensors cost, each in its own tf.function, best of `repeats`: one
+    elementwise pass over a (steps, batch, g*units) float32 tensor (`x + 1`: it reads and writes it all), and the
+    input product of all steps, (steps*batch) x 28 by 28 x g*units, with its bias, as the layers make it."""
+    import tensorflow as tf
+    from train_speed import GATES
+
+    rng = np.random.default_rng(0)
+    width = GATES[cell] * units
+    big = tf.constant(rng.standard_normal((28, batch, width), dtype=np.float32))
+    x = tf.constant(rng.standard_normal((28 * batch, 28), dtype=np.float32))
+    kernel = tf.constant(rng.standard_normal((28, width), dtype=np.float32))
+    bias = tf.constant(rng.standard_normal((width,), dtype=np.float32))
+    elementwise = tf.function(lambda a: a + 1.0)
+    product = tf.function(lambda x, k, b: tf.matmul(x, k) + b)
+
+    def best(fn, *args) -> float:
+        fn(*args).numpy()
+        return min(benchlib._timed(lambda: fn(*args).numpy()) for _ in range(repeats))
+
+    pass_s, product_s = best(elementwise, big), best(product, x, kernel, bias)
+    return {
+        "tensor_mib": big.numpy().nbytes / 2**20,
+        "elementwise_pass_us": 1e6 * pass_s,
+        "elementwise_gbytes_per_s": 2 * big.numpy().nbytes / pass_s / 1e9,  # read and write
+        "input_product_us": 1e6 * product_s,
+        "input_product_gflops": 2 * 28 * batch * 28 * width / product_s / 1e9,
+    }
+
+
 def measure(cell: str, units: int, batch: int, *, n: int, rounds: int, repeats: int) -> dict:
     from tuner import data, models
 
@@ -112,6 +144,7 @@ def measure(cell: str, units: int, batch: int, *, n: int, rounds: int, repeats: 
             e = models.train(variants[name], train, batch_size=batch, epochs=1, seed=r, evaluate_test=False).epochs[0]
             epochs[name].append({"round": r, "seconds": e.seconds, "loss": e.loss, "accuracy": e.accuracy})
     chain_batch_s = numpy_chain_seconds(cell, units, batch, repeats)
+    tensors = large_tensor_costs(cell, units, batch, repeats)
     rate = max(rate, benchlib.matmul_rate()["gflops"])
     floor = flops_per_sample(cell, units) * n / (rate * 1e9)
     median = {name: statistics.median(e["seconds"] for e in rows) for name, rows in epochs.items()}
@@ -130,6 +163,7 @@ def measure(cell: str, units: int, batch: int, *, n: int, rounds: int, repeats: 
         "numpy_chain_epoch_s": chain_s,
         "best_kernel_s": best,
         "best_kernel_ratio": best / floor,
+        **tensors,
         "epochs": epochs,
     }
 
@@ -156,7 +190,10 @@ def main() -> None:
               f"({row['floor_s']:.2f} s), without the dependence between steps {m['chainless']:.2f} s = "
               f"{ratio['chainless']:.2f}x (median of {rounds}); the dependent products at numpy's rate add "
               f"{row['numpy_chain_epoch_s']:.2f} s: a recurrence kernel could at best reach "
-              f"{row['best_kernel_s']:.2f} s = {row['best_kernel_ratio']:.2f}x (goal <= 1.5)", flush=True)  # fmt: skip
+              f"{row['best_kernel_s']:.2f} s = {row['best_kernel_ratio']:.2f}x (goal <= 1.5). One elementwise pass "
+              f"over a whole-sequence tensor ({row['tensor_mib']:.1f} MiB) {row['elementwise_pass_us']:.0f} us "
+              f"({row['elementwise_gbytes_per_s']:.1f} GB/s), the input product of all steps "
+              f"{row['input_product_us']:.0f} us ({row['input_product_gflops']:.0f} GFLOP/s)", flush=True)  # fmt: skip
         benchlib.write_json(args.json, {"machine": machine, "rows": rows})
 
 

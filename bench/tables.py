@@ -90,18 +90,25 @@ def fused_rnn(d: dict) -> str:
     return "\n".join(out)
 
 
+def _us_rate(row: dict, us: str, rate: str) -> str:
+    return f"{row[us]:.0f} ({row[rate]:.0f})" if us in row else "-"
+
+
 def recurrence_bound(d: dict) -> str:
     out = ["| configuration | floor s | shipped: median epoch s | / floor | without the dependence between steps: "
            "median epoch s | / floor | numpy's dependent products, an epoch s | best kernel s | / floor (goal <= 1.5) "
-           "| per round s (shipped / without) |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+           "| per round s (shipped / without) | elementwise pass over a whole-sequence tensor us (GB/s) "
+           "| input product of all steps us (GFLOP/s) |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|"]  # fmt: skip
     for r in d["rows"]:
         m, ratio = r["median_epoch_s"], r["ratio"]
         rounds = ", ".join(f"{a['seconds']:.2f} / {b['seconds']:.2f}"
                            for a, b in zip(r["epochs"]["shipped"], r["epochs"]["chainless"], strict=True))  # fmt: skip
         out.append(f"| {r['config']} | {r['floor_s']:.2f} | {m['shipped']:.2f} | {ratio['shipped']:.2f}x "
                    f"| {m['chainless']:.2f} | {ratio['chainless']:.2f}x | {r['numpy_chain_epoch_s']:.2f} "
-                   f"| {r['best_kernel_s']:.2f} | {r['best_kernel_ratio']:.2f}x | {rounds} |")  # fmt: skip
+                   f"| {r['best_kernel_s']:.2f} | {r['best_kernel_ratio']:.2f}x | {rounds} "
+                   f"| {_us_rate(r, 'elementwise_pass_us', 'elementwise_gbytes_per_s')} "
+                   f"| {_us_rate(r, 'input_product_us', 'input_product_gflops')} |")  # fmt: skip
     return "\n".join(out)
 
 
@@ -237,7 +244,8 @@ PRUNING = ("pruning_round13_seed0", "pruning_round13_seed1", "pruning_round13_se
 # every results file, newest round first, with the function that prints its table
 RESULTS = (("train_speed_goal_round14", train_speed), ("step_products_round14", step_products),
            ("fused_rnn_numpy_round14", fused_rnn), ("recurrence_bound_round14", recurrence_bound),
-           ("fused_rnn_round14", fused_rnn),
+           ("fused_rnn_round14", fused_rnn), ("trial_overhead_round14", trial_overhead),
+           ("storage_round14", storage), ("recurrence_bound_round14b", recurrence_bound),
            ("storage_round13b", storage), ("storage_round13b_before", storage), ("storage_round13", storage),
            ("storage_round13_before", storage), ("train_speed_goal_round13", train_speed),
            ("step_products_round13", step_products), ("trial_overhead_round13", trial_overhead),
