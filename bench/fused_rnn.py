@@ -124,33 +124,40 @@ def numpy_simple_rnn():
     return _last_state_simple_rnn(run)
 
 
-def measure(cell: str, units: int, batch_size: int, *, n: int, rounds: int) -> dict:
-    from recurrence_bound import chainless_layer
-    from train_speed import flops_per_sample
-
+def alternating_epochs(variants: dict, *, n: int, batch_size: int, rounds: int) -> tuple[dict, dict]:
+    """Each model's first call (a warm-up fit on a few batches and the partial last one: tracing), then `rounds`
+    rounds of one epoch on the first `n` training images per model, in turns, the order reversed every other
+    round. Returns the first calls' seconds and every epoch's seconds, loss and accuracy, by variant."""
     from tuner import data, models
 
-    rate = benchlib.matmul_rate()["gflops"]
     full = data.load()
     warm_n = 4 * batch_size + n % batch_size
     warm = data.Splits(full.x_train[:warm_n], full.y_train[:warm_n], None, None, None, None, full.source)
     train = data.Splits(full.x_train[:n], full.y_train[:n], None, None, None, None, full.source)
-    variants = {name: build(cell, units, layer) for name, layer in keras_variants(cell).items()}
-    variants["tuner"] = build(cell, units)
-    if cell == "SimpleRNN":
-        variants["numpy"] = build(cell, units, numpy_simple_rnn())
-        variants["no_chain"] = build(cell, units, chainless_layer(cell))
     first_s, epochs = {}, {name: [] for name in variants}
     for name, model in variants.items():
         t = time.perf_counter()
         models.train(model, warm, batch_size=batch_size, epochs=1, seed=0, evaluate_test=False)
         first_s[name] = time.perf_counter() - t
     for r in range(rounds):
-        order = list(variants) if r % 2 == 0 else list(reversed(variants))
-        for name in order:
+        for name in list(variants) if r % 2 == 0 else list(reversed(variants)):
             result = models.train(variants[name], train, batch_size=batch_size, epochs=1, seed=r, evaluate_test=False)
             e = result.epochs[0]
             epochs[name].append({"round": r, "seconds": e.seconds, "loss": e.loss, "accuracy": e.accuracy})
+    return first_s, epochs
+
+
+def measure(cell: str, units: int, batch_size: int, *, n: int, rounds: int) -> dict:
+    from recurrence_bound import chainless_layer
+    from train_speed import flops_per_sample
+
+    rate = benchlib.matmul_rate()["gflops"]
+    variants = {name: build(cell, units, layer) for name, layer in keras_variants(cell).items()}
+    variants["tuner"] = build(cell, units)
+    if cell == "SimpleRNN":
+        variants["numpy"] = build(cell, units, numpy_simple_rnn())
+        variants["no_chain"] = build(cell, units, chainless_layer(cell))
+    first_s, epochs = alternating_epochs(variants, n=n, batch_size=batch_size, rounds=rounds)
     ratios = [k["seconds"] / t["seconds"] for k, t in zip(epochs["keras"], epochs["tuner"], strict=True)]
     median = {name: statistics.median(e["seconds"] for e in rows) for name, rows in epochs.items()}
     rate = max(rate, benchlib.matmul_rate()["gflops"])

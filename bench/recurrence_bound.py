@@ -29,11 +29,10 @@ from __future__ import annotations
 
 import math
 import statistics
-import time
 
 import benchlib
 import numpy as np
-from fused_rnn import build
+from fused_rnn import alternating_epochs, build
 from step_products import _state, numpy_chain
 from train_speed import CONFIGS, N_FULL, N_QUICK, flops_per_sample
 
@@ -126,23 +125,9 @@ def large_tensor_costs(cell: str, units: int, batch: int, repeats: int) -> dict:
 
 
 def measure(cell: str, units: int, batch: int, *, n: int, rounds: int, repeats: int) -> dict:
-    from tuner import data, models
-
     rate = benchlib.matmul_rate()["gflops"]
-    full = data.load()
-    warm_n = 4 * batch + n % batch
-    warm = data.Splits(full.x_train[:warm_n], full.y_train[:warm_n], None, None, None, None, full.source)
-    train = data.Splits(full.x_train[:n], full.y_train[:n], None, None, None, None, full.source)
     variants = {"shipped": build(cell, units), "chainless": build(cell, units, chainless_layer(cell))}
-    first_s, epochs = {}, {name: [] for name in variants}
-    for name, model in variants.items():
-        t = time.perf_counter()
-        models.train(model, warm, batch_size=batch, epochs=1, seed=0, evaluate_test=False)
-        first_s[name] = time.perf_counter() - t
-    for r in range(rounds):
-        for name in list(variants) if r % 2 == 0 else reversed(list(variants)):
-            e = models.train(variants[name], train, batch_size=batch, epochs=1, seed=r, evaluate_test=False).epochs[0]
-            epochs[name].append({"round": r, "seconds": e.seconds, "loss": e.loss, "accuracy": e.accuracy})
+    first_s, epochs = alternating_epochs(variants, n=n, batch_size=batch, rounds=rounds)
     chain_batch_s = numpy_chain_seconds(cell, units, batch, repeats)
     tensors = large_tensor_costs(cell, units, batch, repeats)
     rate = max(rate, benchlib.matmul_rate()["gflops"])
