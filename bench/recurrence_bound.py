@@ -34,7 +34,7 @@ import benchlib
 import numpy as np
 from fused_rnn import alternating_epochs, build
 from step_products import _state, numpy_chain
-from train_speed import CONFIGS, N_FULL, N_QUICK, flops_per_sample
+from train_speed import CONFIGS, GATES, N_FULL, N_QUICK, flops_per_sample
 
 
 def _chainless_run():
@@ -87,8 +87,6 @@ def chainless_layer(cell: str):
 
 def numpy_chain_seconds(cell: str, units: int, batch: int, repeats: int) -> float:
     """Best time of one batch's 56 dependent products with numpy (bench/step_products.py's chain)."""
-    from train_speed import GATES
-
     h0, u = _state(np.random.default_rng(0), batch, units, GATES[cell])
     chain = numpy_chain(h0, u)
     return min(benchlib._timed(chain) for _ in range(repeats))
@@ -99,7 +97,6 @@ def large_tensor_costs(cell: str, units: int, batch: int, repeats: int) -> dict:
     elementwise pass over a (steps, batch, g*units) float32 tensor (`x + 1`: it reads and writes it all), and the
     input product of all steps, (steps*batch) x 28 by 28 x g*units, with its bias, as the layers make it."""
     import tensorflow as tf
-    from train_speed import GATES
 
     rng = np.random.default_rng(0)
     width = GATES[cell] * units
