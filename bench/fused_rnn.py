@@ -54,33 +54,6 @@ def keras_variants(cell: str) -> dict:
     return {"keras": functools.partial(layer, unroll=True), "keras_rolled": layer}
 
 
-def _last_state_simple_rnn(run):
-    """tuner's SimpleRNN (last state only) whose recurrence is `run(xw, recurrent_kernel)`, xw being every
-    step's input product with the bias, (steps, batch, units), made by TensorFlow as one product."""
-    import tensorflow as tf
-
-    from tuner import recurrent
-
-    class LastStateSimpleRNN(recurrent.SimpleRNN):
-        def _recurrence(self, x, cell):
-            if self.return_sequences:
-                raise NotImplementedError("this recurrence returns the last state only")
-            steps = x.shape[1]
-            flat = tf.reshape(tf.transpose(x, (1, 0, 2)), (-1, x.shape[-1]))
-            xw = tf.reshape(tf.matmul(flat, cell.kernel) + cell.bias, (steps, -1, cell.units))
-            return run(xw, tf.convert_to_tensor(cell.recurrent_kernel)), []
-
-    return LastStateSimpleRNN
-
-
-def _kernel_gradient(hs, dz, units: int):
-    """The recurrent kernel's gradient as one TensorFlow product over all steps: states 0..T-2 against the
-    pre-activation gradients of steps 1..T-1."""
-    import tensorflow as tf
-
-    return tf.matmul(tf.reshape(hs[:-1], (-1, units)), tf.reshape(dz[1:], (-1, units)), transpose_a=True)
-
-
 def numpy_simple_rnn():
     """tuner's SimpleRNN with its 28 steps run by numpy inside the train step (`tf.numpy_function`), forward and
     backward: the BLAS called once a step, no TensorFlow op per step. The input products, and the recurrent
@@ -89,6 +62,7 @@ def numpy_simple_rnn():
     kernel calling the BLAS per step that needs no compiler (BENCHMARKS.md, section 1)."""
     import numpy as np
     import tensorflow as tf
+    from recurrence_bound import kernel_gradient, last_state_layer
 
     def forward(xw, u):  # -> every step's state
         hs = np.empty_like(xw)
@@ -111,17 +85,17 @@ def numpy_simple_rnn():
         return dz
 
     @tf.custom_gradient
-    def run(xw, kernel):
+    def run(xw, kernel, rbias):  # SimpleRNN has no recurrent bias: rbias is zeros, and its gradient is unused
         hs = tf.ensure_shape(tf.numpy_function(forward, [xw, kernel], tf.float32, stateful=False), xw.shape)
 
         def grad(dy):
             dz = tf.numpy_function(backward, [dy, hs, kernel], tf.float32, stateful=False)
             dz = tf.ensure_shape(dz, xw.shape)
-            return dz, _kernel_gradient(hs, dz, kernel.shape[0])
+            return dz, kernel_gradient(hs, dz), tf.zeros_like(rbias)
 
         return hs[-1], grad
 
-    return _last_state_simple_rnn(run)
+    return last_state_layer("SimpleRNN", run)
 
 
 def alternating_epochs(variants: dict, *, n: int, batch_size: int, rounds: int) -> tuple[dict, dict]:

@@ -37,6 +37,15 @@ from step_products import _state, numpy_chain
 from train_speed import CONFIGS, GATES, N_FULL, N_QUICK, flops_per_sample
 
 
+def kernel_gradient(hs, dxw):
+    """The recurrent kernel's gradient as one TensorFlow product over all steps: the states of steps 0..T-2
+    against the gradients of the input products of steps 1..T-1."""
+    import tensorflow as tf
+
+    units, width = hs.shape[-1], dxw.shape[-1]
+    return tf.matmul(tf.reshape(hs[:-1], (-1, units)), tf.reshape(dxw[1:], (-1, width)), transpose_a=True)
+
+
 def _chainless_run():
     """The stand-in recurrence, as a `tf.custom_gradient` of (xw, recurrent_kernel, recurrent_bias):
     xw is every step's input product with its bias, (steps, batch, g*units). Returns the last state."""
@@ -50,30 +59,28 @@ def _chainless_run():
         def grad(dy):
             dz = tf.raw_ops.TanhGrad(y=hs, dy=tf.broadcast_to(dy, tf.shape(hs)))
             dxw = tf.pad(dz, [[0, 0], [0, 0], [0, kernel.shape[1] - units]])  # the other gates' columns: zero
-            flat = (-1, kernel.shape[1])
-            dkernel = tf.matmul(tf.reshape(hs[:-1], (-1, units)), tf.reshape(dxw[1:], flat), transpose_a=True)
-            return dxw, dkernel, tf.reduce_sum(dxw, (0, 1))
+            return dxw, kernel_gradient(hs, dxw), tf.reduce_sum(dxw, (0, 1))
 
         return hs[-1], grad
 
     return run
 
 
-def chainless_layer(cell: str):
-    """tuner's layer for `cell` (Keras's for LSTM, with tuner's training path around it), its recurrence the
-    stand-in: same weights, same input products, no dependence between steps."""
+def last_state_layer(cell: str, run):
+    """tuner's layer for `cell` (Keras's for LSTM, with tuner's training path around it), returning the last
+    state only, whose recurrence is `run(xw, recurrent_kernel, recurrent_bias)`: xw is every step's input
+    product with its bias, (steps, batch, g*units), made by TensorFlow as one product."""
     import keras
     import tensorflow as tf
 
     from tuner import recurrent
 
-    run = _chainless_run()
     base = getattr(recurrent, cell, None) or type(cell, (recurrent._Fused, getattr(keras.layers, cell)), {})
 
-    class Chainless(base):
+    class LastState(base):
         def _recurrence(self, x, cell):
             if self.return_sequences:
-                raise NotImplementedError("the stand-in returns the last state only")
+                raise NotImplementedError("this recurrence returns the last state only")
             bias = cell.bias
             input_bias, rbias = (bias[0], bias[1]) if len(bias.shape) == 2 else (bias, tf.zeros_like(bias))
             steps, width = x.shape[1], cell.kernel.shape[1]
@@ -82,7 +89,13 @@ def chainless_layer(cell: str):
             last = run(xw, tf.convert_to_tensor(cell.recurrent_kernel), tf.convert_to_tensor(rbias))
             return last, [last] if isinstance(cell.state_size, list | tuple) and len(cell.state_size) == 2 else []
 
-    return Chainless
+    return LastState
+
+
+def chainless_layer(cell: str):
+    """The layer for `cell` with the stand-in recurrence: same weights, same input products, no dependence
+    between steps."""
+    return last_state_layer(cell, _chainless_run())
 
 
 def numpy_chain_seconds(cell: str, units: int, batch: int, repeats: int) -> float:
