@@ -42,9 +42,14 @@ def machine() -> dict:
     info = {"python": platform.python_version(), "cores": os.cpu_count()}
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        for line in lscpu.splitlines():
-            if line.startswith("Model name:"):
-                info["cpu"] = line.split(":", 1)[1].strip()
+        fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        # machines of one model name differ here in family, vector units and cache (the rounds' kinds)
+        info["cpu"] = fields.get("Model name")
+        info["cpu_family"] = fields.get("CPU family")
+        flags = set(fields.get("Flags", "").split())
+        info["vector_isa"] = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
+        info["l3_cache"] = fields.get("L3 cache")
     except OSError:
         pass
     try:

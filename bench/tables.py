@@ -286,6 +286,80 @@ RESULTS = (("train_speed_goal_round14", train_speed), ("step_products_round14", 
            ("storage_xeon", storage), ("storage_workers", storage))  # fmt: skip
 
 
+# each round's machine as its section of BENCHMARKS.md describes it (`lscpu` read by hand before the 15th round,
+# whose files record the family, vector units and L3 cache themselves)
+KINDS = {8: "Intel Xeon, AVX-512", 9: "AMD EPYC, family 26, AVX-512", 10: "AMD EPYC, family 25, AVX2",
+         11: "Intel Xeon, AVX-512, AMX", 12: "AMD EPYC, family 25, AVX2", 13: "AMD EPYC, family 25, AVX-512",
+         14: "AMD EPYC, family 25, AVX-512"}  # fmt: skip
+
+
+def _kind(folder: Path, n: int) -> str:
+    for name in (f"train_speed_goal_round{n}.machine", f"storage_round{n}", f"trial_overhead_round{n}"):
+        m = (_load(folder, name) or {}).get("machine") or _load(folder, name) or {}
+        if m.get("cpu_family"):
+            isa = ", ".join(i.upper() for i in m["vector_isa"] if i in ("avx2", "avx512f", "amx_tile"))
+            return f"{m['cpu']}, family {m['cpu_family']}, {isa.replace('AVX512F', 'AVX-512')}, L3 {m['l3_cache']}"
+    return KINDS.get(n, "?")
+
+
+def _goal1(d: list | None) -> str:
+    rows = [r for r in d or [] if r["variant"] == "shipped"]
+    return " / ".join(f"{r['ratio']:.2f}" for r in rows) if rows else "-"
+
+
+def _goal2a(d: dict | None) -> str:
+    rows = [r for r in (d or {}).get("overhead", []) if r.get("model")]
+    return " / ".join(f"{100 * r['overhead_share']:.1f}%" for r in rows) if rows else "-"
+
+
+def _goal3(folder: Path, n: int) -> str:
+    out = []
+    for seed in range(5):
+        d = _load(folder, f"pruning_round{n}_seed{seed}")
+        if d:
+            s = d.get("summaries", [d.get("summary")])[0]
+            out.append(f"{seed}: {100 * s['epochs_saved']:.1f}%, {s['best_gap_points']:+.2f}")
+    return "; ".join(out) or "-"
+
+
+def _goal4(d: dict | None) -> str:
+    ratios = (d or {}).get("ratios") or {}
+    arm = "tuner search (TPE + successive-halving, document start) / KerasTuner {} / epochs_to_target"
+    found = [(name, ratios.get(arm.format(name))) for name in ("Hyperband", "BayesianOptimization")]
+    return " / ".join(f"{r:.2f}" for _, r in found if r is not None) or "-"
+
+
+def _goal5(d: dict | None) -> tuple[str, str]:
+    d = d or {}
+    ms = {r["backend"]: r["ms_per_trial_last100"] for r in d.get("overhead", [])
+          if r["loop"] == "tuner" and r["sampler"] == "tpe"}  # fmt: skip
+    eight = [r["share_of_ideal"] for r in d.get("workers", []) if r["loop"] == "tuner" and r["workers"] == 8]
+    a = f"{ms['sqlite']:.1f} / {ms['postgresql']:.1f}" if {"sqlite", "postgresql"} <= ms.keys() else "-"
+    return a, f"{100 * eight[0]:.1f}%" if eight else "-"
+
+
+def goals(folder: Path) -> str:
+    """One row a round from the eighth on: each goal's figure from the round's main file of that benchmark."""
+    out = ["| round | machine | 1. shipped epoch / floor, SimpleRNN / LSTM / GRU (<= 1.5) "
+           "| 2a. outside the epochs: built / kept SimpleRNN-128, built / kept LSTM-128 (<= 2%) "
+           "| 2b. second pass over first, mean MiB (no growth) | 3. seed: epochs saved, best behind by points "
+           "(>= 60%, <= 0.2) | 4. epochs to the low target over Hyperband's / BayesianOptimization's (<= 0.5) "
+           "| 5a. ms a trial at 1,000, SQLite / PostgreSQL (<= 20) | 5b. 8 workers (>= 90%) |",
+           "|---:|---|---|---|---:|---|---|---|---:|"]  # fmt: skip
+    for n in range(99, 7, -1):
+        files = {name: _load(folder, f"{name}_round{n}") for name in
+                 ("train_speed_goal", "trial_overhead", "trial_memory", "vs_kerastuner", "storage")}  # fmt: skip
+        if not any(files.values()) and not _load(folder, f"pruning_round{n}_seed0"):
+            continue
+        repeat = (files["trial_memory"] or {}).get("memory", {}).get("repeat")
+        growth = f"{repeat['mean_growth_mib']:+.1f}" if repeat else "-"
+        a, b = _goal5(files["storage"])
+        out.append(f"| {n} | {_kind(folder, n)} | {_goal1(files['train_speed_goal'])} "
+                   f"| {_goal2a(files['trial_overhead'])} | {growth} | {_goal3(folder, n)} "
+                   f"| {_goal4(files['vs_kerastuner'])} | {a} | {b} |")  # fmt: skip
+    return "\n".join(out)
+
+
 def machine(folder: Path) -> str:
     out = ["| benchmark | CPU | cores | memory GiB | TensorFlow | Keras | Optuna | load average (1 min) at start |",
            "|---|---|---:|---:|---|---|---|---:|"]  # fmt: skip
@@ -302,6 +376,7 @@ def machine(folder: Path) -> str:
 
 def main() -> None:
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).with_name("results"))
+    print(f"### goals by round\n\n{goals(folder)}\n")
     print(f"### machine\n\n{machine(folder)}\n")
     for name, fn in RESULTS:
         d = _load(folder, name)
