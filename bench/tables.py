@@ -223,10 +223,11 @@ def storage(d: dict) -> str:
     return "\n".join(out)
 
 
-# pruning results: the fourteenth, thirteenth, eleventh and ninth rounds' checks of the default, the eighth
-# round's default, then the fourth and fifth rounds' default (steps counted in epochs trained), the median
+# pruning results: the fifteenth, fourteenth, thirteenth, eleventh and ninth rounds' checks of the default, the
+# eighth round's default, then the fourth and fifth rounds' default (steps counted in epochs trained), the median
 # pruner, the earlier default (Keras's 0-based epoch index as the step) and its experiments
-PRUNING = ("pruning_round14_seed0", "pruning_round14_seed1", "pruning_round13_seed0", "pruning_round13_seed1",
+PRUNING = ("pruning_round15_seed0", "pruning_round14_seed0", "pruning_round14_seed1", "pruning_round13_seed0",
+           "pruning_round13_seed1",
            "pruning_round13_seed2", "pruning_round13_seed3", "pruning_round13_seed4",
            "pruning_round11_seed0", "pruning_round11_seed1", "pruning_round11_seed2", "pruning_round11_seed3",
            "pruning_round11_seed4", "pruning_round9_seed0", "pruning_round9_seed1", "pruning_round9_seed2",
@@ -242,7 +243,11 @@ PRUNING = ("pruning_round14_seed0", "pruning_round14_seed1", "pruning_round13_se
 
 
 # every results file, newest round first, with the function that prints its table
-RESULTS = (("train_speed_goal_round14", train_speed), ("step_products_round14", step_products),
+RESULTS = (("train_speed_goal_round15", train_speed), ("step_products_round15", step_products),
+           ("recurrence_bound_round15", recurrence_bound), ("trial_overhead_round15", trial_overhead),
+           ("storage_round15", storage), ("trial_memory_round15", trial_overhead),
+           ("vs_kerastuner_round15", vs_kerastuner), ("train_speed_levers_round15", train_speed),
+           ("train_speed_goal_round14", train_speed), ("step_products_round14", step_products),
            ("fused_rnn_numpy_round14", fused_rnn), ("recurrence_bound_round14", recurrence_bound),
            ("fused_rnn_round14", fused_rnn), ("trial_overhead_round14", trial_overhead),
            ("storage_round14", storage), ("recurrence_bound_round14b", recurrence_bound),
@@ -361,14 +366,16 @@ def goals(folder: Path) -> str:
 
 
 def machine(folder: Path) -> str:
-    out = ["| benchmark | CPU | cores | memory GiB | TensorFlow | Keras | Optuna | load average (1 min) at start |",
-           "|---|---|---:|---:|---|---|---|---:|"]  # fmt: skip
+    out = ["| benchmark | CPU | family, vector units, L3 (recorded from the 15th round) | cores | memory GiB "
+           "| TensorFlow | Keras | Optuna | load average (1 min) at start |",
+           "|---|---|---|---:|---:|---|---|---|---:|"]  # fmt: skip
     for name, fn in RESULTS:
         d = _load(folder, f"{name}.machine" if fn is train_speed else name)  # train_speed keeps it beside its rows
         if d is None:
             continue
         m = d.get("machine", d)
-        out.append(f"| {name} | {m.get('cpu')} | {m.get('cores')} | {m.get('memory_gib')} "
+        kind = f"{m['cpu_family']}, {' '.join(m['vector_isa'])}, {m['l3_cache']}" if m.get("cpu_family") else "-"
+        out.append(f"| {name} | {m.get('cpu')} | {kind} | {m.get('cores')} | {m.get('memory_gib')} "
                    f"| {m.get('tensorflow')} | {m.get('keras')} | {m.get('optuna')} "
                    f"| {m.get('load_average_1min'):.1f} |")  # fmt: skip
     return "\n".join(out)
