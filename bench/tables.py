@@ -301,7 +301,8 @@ KINDS = {8: "Intel Xeon, AVX-512", 9: "AMD EPYC, family 26, AVX-512", 10: "AMD E
 
 def _kind(folder: Path, n: int) -> str:
     for name in (f"train_speed_goal_round{n}.machine", f"storage_round{n}", f"trial_overhead_round{n}"):
-        m = (_load(folder, name) or {}).get("machine") or _load(folder, name) or {}
+        d = _load(folder, name) or {}
+        m = d.get("machine", d)
         if m.get("cpu_family"):
             isa = ", ".join(i.upper() for i in m["vector_isa"] if i in ("avx2", "avx512f", "amx_tile"))
             return f"{m['cpu']}, family {m['cpu_family']}, {isa.replace('AVX512F', 'AVX-512')}, L3 {m['l3_cache']}"
@@ -331,8 +332,8 @@ def _goal3(folder: Path, n: int) -> str:
 def _goal4(d: dict | None) -> str:
     ratios = (d or {}).get("ratios") or {}
     arm = "tuner search (TPE + successive-halving, document start) / KerasTuner {} / epochs_to_target"
-    found = [(name, ratios.get(arm.format(name))) for name in ("Hyperband", "BayesianOptimization")]
-    return " / ".join(f"{r:.2f}" for _, r in found if r is not None) or "-"
+    found = [ratios.get(arm.format(name)) for name in ("Hyperband", "BayesianOptimization")]
+    return " / ".join(f"{r:.2f}" for r in found if r is not None) or "-"
 
 
 def _goal5(d: dict | None) -> tuple[str, str]:
