@@ -226,8 +226,8 @@ def storage(d: dict) -> str:
 # pruning results: the fifteenth, fourteenth, thirteenth, eleventh and ninth rounds' checks of the default, the
 # eighth round's default, then the fourth and fifth rounds' default (steps counted in epochs trained), the median
 # pruner, the earlier default (Keras's 0-based epoch index as the step) and its experiments
-PRUNING = ("pruning_round15_seed0", "pruning_round14_seed0", "pruning_round14_seed1", "pruning_round13_seed0",
-           "pruning_round13_seed1",
+PRUNING = ("pruning_round15_seed0", "pruning_round15_seed1", "pruning_round14_seed0", "pruning_round14_seed1",
+           "pruning_round13_seed0", "pruning_round13_seed1",
            "pruning_round13_seed2", "pruning_round13_seed3", "pruning_round13_seed4",
            "pruning_round11_seed0", "pruning_round11_seed1", "pruning_round11_seed2", "pruning_round11_seed3",
            "pruning_round11_seed4", "pruning_round9_seed0", "pruning_round9_seed1", "pruning_round9_seed2",
