@@ -47,8 +47,10 @@ def machine() -> dict:
         # machines of one model name differ here in family, vector units and cache (the rounds' kinds)
         info["cpu"] = fields.get("Model name")
         info["cpu_family"] = fields.get("CPU family")
+        info["cpu_model"] = fields.get("Model")
         flags = set(fields.get("Flags", "").split())
-        info["vector_isa"] = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
+        vector_units = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile")
+        info["vector_isa"] = [f for f in vector_units if f in flags]
         info["l3_cache"] = fields.get("L3 cache")
     except OSError:
         pass
