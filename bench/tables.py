@@ -223,10 +223,11 @@ def storage(d: dict) -> str:
     return "\n".join(out)
 
 
-# pruning results: the fifteenth, fourteenth, thirteenth, eleventh and ninth rounds' checks of the default, the
-# eighth round's default, then the fourth and fifth rounds' default (steps counted in epochs trained), the median
-# pruner, the earlier default (Keras's 0-based epoch index as the step) and its experiments
-PRUNING = ("pruning_round15_seed0", "pruning_round15_seed1", "pruning_round14_seed0", "pruning_round14_seed1",
+# pruning results: the sixteenth, fifteenth, fourteenth, thirteenth, eleventh and ninth rounds' checks of the
+# default, the eighth round's default, then the fourth and fifth rounds' default (steps counted in epochs trained),
+# the median pruner, the earlier default (Keras's 0-based epoch index as the step) and its experiments
+PRUNING = ("pruning_round16_seed0", "pruning_round16_seed1", "pruning_round15_seed0", "pruning_round15_seed1",
+           "pruning_round14_seed0", "pruning_round14_seed1",
            "pruning_round13_seed0", "pruning_round13_seed1",
            "pruning_round13_seed2", "pruning_round13_seed3", "pruning_round13_seed4",
            "pruning_round11_seed0", "pruning_round11_seed1", "pruning_round11_seed2", "pruning_round11_seed3",
@@ -243,7 +244,11 @@ PRUNING = ("pruning_round15_seed0", "pruning_round15_seed1", "pruning_round14_se
 
 
 # every results file, newest round first, with the function that prints its table
-RESULTS = (("train_speed_goal_round15", train_speed), ("step_products_round15", step_products),
+RESULTS = (("train_speed_goal_round16", train_speed), ("step_products_round16", step_products),
+           ("recurrence_bound_round16", recurrence_bound), ("trial_overhead_round16", trial_overhead),
+           ("storage_round16", storage), ("trial_memory_round16", trial_overhead),
+           ("vs_kerastuner_round16", vs_kerastuner),
+           ("train_speed_goal_round15", train_speed), ("step_products_round15", step_products),
            ("recurrence_bound_round15", recurrence_bound), ("trial_overhead_round15", trial_overhead),
            ("storage_round15", storage), ("trial_memory_round15", trial_overhead),
            ("vs_kerastuner_round15", vs_kerastuner), ("train_speed_levers_round15", train_speed),
@@ -305,7 +310,9 @@ def _kind(folder: Path, n: int) -> str:
         m = d.get("machine", d)
         if m.get("cpu_family"):
             isa = ", ".join(i.upper() for i in m["vector_isa"] if i in ("avx2", "avx512f", "amx_tile"))
-            return f"{m['cpu']}, family {m['cpu_family']}, {isa.replace('AVX512F', 'AVX-512')}, L3 {m['l3_cache']}"
+            isa = isa.replace("AVX512F", "AVX-512").replace("AMX_TILE", "AMX")
+            model = f" model {m['cpu_model']}" if m.get("cpu_model") else ""
+            return f"{m['cpu']}, family {m['cpu_family']}{model}, {isa}, L3 {m['l3_cache']}"
     return KINDS.get(n, "?")
 
 
@@ -368,7 +375,8 @@ def goals(folder: Path) -> str:
 
 
 def machine(folder: Path) -> str:
-    out = ["| benchmark | CPU | family, vector units, L3 (recorded from the 15th round) | cores | memory GiB "
+    out = ["| benchmark | CPU | family (model from the 16th round), vector units, L3 (from the 15th) | cores "
+           "| memory GiB "
            "| TensorFlow | Keras | Optuna | load average (1 min) at start |",
            "|---|---|---|---:|---:|---|---|---|---:|"]  # fmt: skip
     for name, fn in RESULTS:
@@ -376,7 +384,8 @@ def machine(folder: Path) -> str:
         if d is None:
             continue
         m = d.get("machine", d)
-        kind = f"{m['cpu_family']}, {' '.join(m['vector_isa'])}, {m['l3_cache']}" if m.get("cpu_family") else "-"
+        family = f"{m['cpu_family']} model {m['cpu_model']}" if m.get("cpu_model") else m.get("cpu_family")
+        kind = f"{family}, {' '.join(m['vector_isa'])}, {m['l3_cache']}" if m.get("cpu_family") else "-"
         out.append(f"| {name} | {m.get('cpu')} | {kind} | {m.get('cores')} | {m.get('memory_gib')} "
                    f"| {m.get('tensorflow')} | {m.get('keras')} | {m.get('optuna')} "
                    f"| {m.get('load_average_1min'):.1f} |")  # fmt: skip
