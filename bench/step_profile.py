@@ -1,14 +1,14 @@
 """Where a train step's time goes: TensorFlow's profiler over an epoch of goal 1's configurations as shipped.
 
-    python bench/step_profile.py --json bench/results/step_profile.json    # about 3 minutes on 2 cores
+    python bench/step_profile.py --json bench/results/step_profile.json    # about 5 minutes on 2 cores
     python bench/step_profile.py --quick
 
 Goal 1 (`bench/train_speed.py`) asks for an epoch within 1.5x of its floor, and `bench/recurrence_bound.py` shows
 that on most machines the train step without the recurrence's dependence between steps already takes most of
 that. This says what the time goes to. For each of goal 1's configurations the model as `tuner grid` builds it
-is trained by `tuner.models.train` on the lever table's 7,520 images: one epoch to trace, one timed, then one
-under TensorFlow's profiler (`tf.profiler.experimental`, host events, no Python tracer). From the profile's own
-events (its XSpace, read with the protobuf TensorFlow ships):
+is trained by `tuner.models.train` on the full training set (`--n`): one epoch on a few batches to trace,
+one timed, then one under TensorFlow's profiler (`tf.profiler.experimental`, host events, no Python tracer).
+From the profile's own events (its XSpace, read with the protobuf TensorFlow ships):
 
 - `function_s`: the train function's calls (Keras's `multi_step_on_iterator`, one a step); the rest of the epoch
   is Keras's loop in Python, tuner's recorder and the input pipeline's hand-over;
@@ -30,7 +30,7 @@ import time
 
 import benchlib
 from fused_rnn import build
-from train_speed import CONFIGS, N_LEVERS, N_QUICK, flops_per_sample
+from train_speed import CONFIGS, N_FULL, N_QUICK, flops_per_sample
 
 MATMUL = ("MatMul", "_MklMatMul", "_MklNativeMatMul", "_MklNativeFusedMatMul", "_MklFusedMatMul", "BatchMatMulV2",
           "BatchMatMulV3", "_MklBatchMatMulV2")  # fmt: skip
@@ -141,8 +141,10 @@ def measure(cell: str, units: int, batch: int, *, n: int) -> dict:
 
     full = data.load()
     splits = data.Splits(full.x_train[:n], full.y_train[:n], None, None, None, None, full.source)
+    warm_n = 4 * batch + n % batch  # the same last partial batch: both train functions traced
+    warm = data.Splits(full.x_train[:warm_n], full.y_train[:warm_n], None, None, None, None, full.source)
     model = build(cell, units)
-    models.train(model, splits, batch_size=batch, epochs=1, seed=0, evaluate_test=False)  # traces
+    models.train(model, warm, batch_size=batch, epochs=1, seed=0, evaluate_test=False)
     rate = benchlib.matmul_rate()["gflops"]
     epoch_s = models.train(model, splits, batch_size=batch, epochs=1, seed=1, evaluate_test=False).epochs[0].seconds
     with tempfile.TemporaryDirectory() as logdir:
@@ -194,6 +196,7 @@ def report(row: dict) -> str:
 def main() -> None:
     p = benchlib.parser(__doc__.split("\n\n")[0])
     p.add_argument("--configs", default="SimpleRNN,LSTM,GRU", help="cells to measure")
+    p.add_argument("--n", type=int, default=N_FULL, help=f"training images an epoch ({N_FULL})")
     args = p.parse_args()
     from tuner import models
 
@@ -205,7 +208,7 @@ def main() -> None:
         if cell not in args.configs.split(","):
             continue
         t = time.perf_counter()
-        rows.append(measure(cell, units, batch, n=N_QUICK if args.quick else N_LEVERS))
+        rows.append(measure(cell, units, batch, n=N_QUICK if args.quick else args.n))
         print(report(rows[-1]), f"\n  ({time.perf_counter() - t:.0f} s)", flush=True)
         benchlib.write_json(args.json, {"machine": machine, "rows": rows})
 
