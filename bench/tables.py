@@ -112,6 +112,24 @@ def recurrence_bound(d: dict) -> str:
     return "\n".join(out)
 
 
+def step_profile(d: dict) -> str:
+    groups = list(d["rows"][0]["groups_s"]) if d["rows"] else []
+    out = ["| configuration | epoch s (/ floor) | profiled epoch s | steps | ms a step: in the train function "
+           "| some op running | two at once | no op running | outside the function | "
+           + " | ".join(f"ops' ms a step: {g}" for g in groups) + " | longest op a step |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(groups) + "---|"]  # fmt: skip
+    for r in d["rows"]:
+        n = r["steps"]
+        ms = {k: 1e3 * r[k] / n for k in ("profiled_epoch_s", "function_s", "ops_busy_s", "ops_both_s")}
+        top = r["top_ops"][0]
+        out.append(f"| {r['config']} | {r['epoch_s']:.2f} ({r['ratio']:.2f}x) | {r['profiled_epoch_s']:.2f} | {n} "
+                   f"| {ms['function_s']:.2f} | {ms['ops_busy_s']:.2f} | {ms['ops_both_s']:.2f} "
+                   f"| {ms['function_s'] - ms['ops_busy_s']:.2f} | {ms['profiled_epoch_s'] - ms['function_s']:.2f} | "
+                   + " | ".join(f"{1e3 * r['groups_s'][g] / n:.2f}" for g in groups)
+                   + f" | {top['type']} {top['name'].split('/')[-1]} {1e3 * top['s'] / n:.2f} ms |")  # fmt: skip
+    return "\n".join(out)
+
+
 def memory(d: dict) -> str:
     env = d.get("env") or "none set"
     out = [f"Allocator environment: {env} (the objective caps glibc's malloc arenas at 2 unless MALLOC_ARENA_MAX "
@@ -226,7 +244,8 @@ def storage(d: dict) -> str:
 # pruning results: the sixteenth, fifteenth, fourteenth, thirteenth, eleventh and ninth rounds' checks of the
 # default, the eighth round's default, then the fourth and fifth rounds' default (steps counted in epochs trained),
 # the median pruner, the earlier default (Keras's 0-based epoch index as the step) and its experiments
-PRUNING = ("pruning_round16_seed0", "pruning_round16_seed1", "pruning_round15_seed0", "pruning_round15_seed1",
+PRUNING = ("pruning_round16_seed0", "pruning_round16_seed1", "pruning_round16_seed0_before",
+           "pruning_round15_seed0", "pruning_round15_seed1",
            "pruning_round14_seed0", "pruning_round14_seed1",
            "pruning_round13_seed0", "pruning_round13_seed1",
            "pruning_round13_seed2", "pruning_round13_seed3", "pruning_round13_seed4",
@@ -244,10 +263,12 @@ PRUNING = ("pruning_round16_seed0", "pruning_round16_seed1", "pruning_round15_se
 
 
 # every results file, newest round first, with the function that prints its table
-RESULTS = (("train_speed_goal_round16", train_speed), ("step_products_round16", step_products),
+RESULTS = (("train_speed_goal_round16", train_speed), ("step_profile_round16", step_profile),
+           ("train_speed_goal_round16_before", train_speed), ("step_products_round16", step_products),
            ("recurrence_bound_round16", recurrence_bound), ("trial_overhead_round16", trial_overhead),
            ("storage_round16", storage), ("trial_memory_round16", trial_overhead),
-           ("vs_kerastuner_round16", vs_kerastuner),
+           ("step_profile_round16_before", step_profile), ("vs_kerastuner_round16", vs_kerastuner),
+           ("train_speed_levers_round16", train_speed),
            ("train_speed_goal_round15", train_speed), ("step_products_round15", step_products),
            ("recurrence_bound_round15", recurrence_bound), ("trial_overhead_round15", trial_overhead),
            ("storage_round15", storage), ("trial_memory_round15", trial_overhead),
