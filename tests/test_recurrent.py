@@ -86,10 +86,12 @@ def test_a_one_step_sequence(cell):
     assert grads[0][1].ndim == 2 and not np.any(grads[0][1])  # the recurrent kernel's
 
 
-def test_gru_without_bias():
-    ours, theirs = _model(recurrent, "GRU", use_bias=False), _model(keras.layers, "GRU", use_bias=False)
+@pytest.mark.parametrize("cell", ["SimpleRNN", "GRU"])
+def test_without_bias(cell, calls):
+    ours, theirs = _model(recurrent, cell, use_bias=False), _model(keras.layers, cell, use_bias=False)
     out, grads = _forward_backward(ours, training=True)
     want_out, want_grads = _forward_backward(theirs, training=True)
+    assert calls[{"SimpleRNN": "_simple", "GRU": "_gru"}[cell]] == 1  # the fused path ran, not Keras's loop
     np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-6)
     for g, want in zip(grads, want_grads, strict=True):
         np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())

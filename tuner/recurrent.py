@@ -4,11 +4,11 @@ Keras on TensorFlow runs a recurrent layer step by step (a `while_loop`, or unro
 automatic gradient mirrors that: every step multiplies its input by the input kernel, and backward every step
 makes three more products (the state's gradient and both weight gradients), each a small op of its own. Here:
 
-- the input products of all steps are one matrix product before the recurrence (and their gradients, taken by
-  TensorFlow, one product each after it);
-- the recurrence is a `tf.custom_gradient` whose backward pass chains only what depends on the previous step
+- the input products of all steps are one matrix product before the recurrence;
+- the layer is one `tf.custom_gradient` whose backward pass chains only what depends on the previous step
   (the elementwise gate gradients and one product with the recurrent kernel per step); each step's share of
-  the recurrent weights' gradient is a product off that chain, which TensorFlow runs beside it.
+  the weights' gradients (recurrent kernel, input kernel, biases) is a product or sum off that chain, which
+  TensorFlow runs beside it; the sequences' gradient, when something needs it, is one product after it.
 
 LSTM is not here: the same treatment of Keras's LSTM (measured at commit 24756ee, BENCHMARKS.md section 1) trained
 no faster (0.90-1.05x an epoch on the seventh benchmark machine, 1.00x with step-by-step weight gradients on
@@ -30,15 +30,34 @@ _SIGMOID = keras.activations.sigmoid
 _TANH = keras.activations.tanh
 
 
-def _project(sequences, kernel, bias):
-    """The input products of every step as one product: (batch, steps, features) -> steps x (batch, g*units)."""
-    x = tf.transpose(sequences, (1, 0, 2))
-    steps = x.shape[0]
-    flat = tf.reshape(x, (-1, x.shape[-1]))
-    xw = tf.matmul(flat, kernel)
-    if bias is not None:
-        xw = xw + bias
-    return tf.unstack(tf.reshape(xw, (steps, -1, kernel.shape[-1])), num=steps)
+def _inputs(x, kernel, bias):
+    """Every step's input, steps x (batch, features), and input product, steps x (batch, g*units), the products
+    made as one: x is (batch, steps, features)."""
+    xt = tf.transpose(x, (1, 0, 2))
+    steps = xt.shape[0]
+    xw = tf.matmul(tf.reshape(xt, (-1, xt.shape[-1])), kernel) + bias
+    return tf.unstack(xt, num=steps), tf.unstack(tf.reshape(xw, (steps, -1, kernel.shape[-1])), num=steps)
+
+
+def _input_gradients(xs, dxw, kernel, bias):
+    """The gradients of the sequences, the input kernel and its bias from each step's input products' gradient.
+
+    The kernel's and the bias's are summed from each step's share, products and sums that depend on one step
+    only, so TensorFlow runs them beside the recurrence's backward chain. As one product and one sum over all
+    steps, with the stack of the steps' gradients they need, they waited for the whole chain and took 1.8 ms of
+    a 9.7 ms SimpleRNN-128 step at batch 256 (`bench/step_profile.py`, BENCHMARKS.md's sixteenth round); this way
+    an epoch of SimpleRNN-128 trains 1.10x faster, GRU-128 1.07x. The sequences' gradient (a lower layer's, or
+    adversarial training's FGSM) is one product over all steps, which TensorFlow prunes when nothing uses it.
+    """
+    dkernel = _sum([tf.matmul(x, d, transpose_a=True) for x, d in zip(xs, dxw, strict=True)], kernel)
+    dbias = _sum([tf.reduce_sum(d, 0) for d in dxw], bias)
+    dxt = tf.matmul(tf.reshape(tf.stack(dxw), (-1, kernel.shape[-1])), kernel, transpose_b=True)
+    dx = tf.transpose(tf.reshape(dxt, (len(xs), -1, kernel.shape[0])), (1, 0, 2))
+    return dx, dkernel, dbias
+
+
+def _weights(*weights):
+    return [tf.convert_to_tensor(w) for w in weights]
 
 
 def _kernel_gradient(previous, dz):
@@ -70,45 +89,46 @@ def _add(a, b):
     return b if a is None else a if b is None else a + b
 
 
-def _simple(xw, recurrent_kernel, sequences: bool):
-    """tanh SimpleRNN from a zero state; xw: list of (batch, units). Returns the states (or the last)."""
+def _simple(x, kernel, bias, recurrent_kernel, sequences: bool):
+    """tanh SimpleRNN from a zero state on x, (batch, steps, features). Returns the states (or the last)."""
 
     @tf.custom_gradient
-    def run(*args):
-        *xw, kernel = args
+    def run(x, kernel, bias, recurrent_kernel):
+        xs, xw = _inputs(x, kernel, bias)
         hs = [tf.tanh(xw[0])]
-        for x in xw[1:]:
-            hs.append(tf.tanh(x + tf.matmul(hs[-1], kernel)))
+        for step in xw[1:]:
+            hs.append(tf.tanh(step + tf.matmul(hs[-1], recurrent_kernel)))
         out = tf.stack(hs) if sequences else hs[-1]
 
         def grad(dy):
             dys = _step_gradients(dy, len(hs), sequences)
-            dz, dkernel = [None] * len(hs), []
+            dz, drecurrent = [None] * len(hs), []
             dh = None
             for t in reversed(range(len(hs))):
                 dh = _add(dh, dys[t])
                 dz[t] = tf.raw_ops.TanhGrad(y=hs[t], dy=dh)
                 if t:
-                    dh = tf.matmul(dz[t], kernel, transpose_b=True)
-                    dkernel.append(_kernel_gradient(hs[t - 1], dz[t]))
-            return (*dz, _sum(dkernel, kernel))
+                    dh = tf.matmul(dz[t], recurrent_kernel, transpose_b=True)
+                    drecurrent.append(_kernel_gradient(hs[t - 1], dz[t]))
+            return (*_input_gradients(xs, dz, kernel, bias), _sum(drecurrent, recurrent_kernel))
 
         return out, grad
 
-    return run(*xw, tf.convert_to_tensor(recurrent_kernel))
+    return run(x, *_weights(kernel, bias, recurrent_kernel))
 
 
-def _gru(xw, recurrent_kernel, recurrent_bias, sequences: bool):
-    """Keras's GRU with reset_after=True (gates z, r, h) from a zero state. Returns the states (or the last)."""
+def _gru(x, kernel, bias, recurrent_kernel, recurrent_bias, sequences: bool):
+    """Keras's GRU with reset_after=True (gates z, r, h) from a zero state on x, (batch, steps, features).
+    Returns the states (or the last)."""
 
     @tf.custom_gradient
-    def run(*args):
-        *xw, kernel, rbias = args
+    def run(x, kernel, bias, recurrent_kernel, rbias):
+        xs, xw = _inputs(x, kernel, bias)
         hs, saved = [], []
         h = None
-        for x in xw:
-            inner = rbias if h is None else tf.matmul(h, kernel) + rbias
-            xz, xr, xh = tf.split(x, 3, axis=1)
+        for step in xw:
+            inner = rbias if h is None else tf.matmul(h, recurrent_kernel) + rbias
+            xz, xr, xh = tf.split(step, 3, axis=1)
             rz, rr, rh = tf.split(inner, 3, axis=-1)
             z = tf.sigmoid(xz + rz)
             r = tf.sigmoid(xr + rr)
@@ -120,7 +140,7 @@ def _gru(xw, recurrent_kernel, recurrent_bias, sequences: bool):
 
         def grad(dy):
             dys = _step_gradients(dy, len(hs), sequences)
-            dx, dkernel, dbias = [None] * len(hs), [], []
+            dxw, drecurrent, dbias = [None] * len(hs), [], []
             dh = None
             for t in reversed(range(len(hs))):
                 z, r, rh, hh = saved[t]
@@ -129,17 +149,18 @@ def _gru(xw, recurrent_kernel, recurrent_bias, sequences: bool):
                 dzz = tf.raw_ops.SigmoidGrad(y=z, dy=dh * (previous - hh))
                 dah = tf.raw_ops.TanhGrad(y=hh, dy=dh * (1 - z))
                 dzr = tf.raw_ops.SigmoidGrad(y=r, dy=dah * rh)
-                dx[t] = tf.concat([dzz, dzr, dah], 1)
+                dxw[t] = tf.concat([dzz, dzr, dah], 1)
                 dinner = tf.concat([dzz, dzr, dah * r], 1)
                 dbias.append(tf.reduce_sum(dinner, 0))
                 if t:
-                    dh = dh * z + tf.matmul(dinner, kernel, transpose_b=True)
-                    dkernel.append(_kernel_gradient(hs[t - 1], dinner))
-            return (*dx, _sum(dkernel, kernel), _sum(dbias, rbias))
+                    dh = dh * z + tf.matmul(dinner, recurrent_kernel, transpose_b=True)
+                    drecurrent.append(_kernel_gradient(hs[t - 1], dinner))
+            inputs = _input_gradients(xs, dxw, kernel, bias)
+            return (*inputs, _sum(drecurrent, recurrent_kernel), _sum(dbias, rbias))
 
         return out, grad
 
-    return run(*xw, tf.convert_to_tensor(recurrent_kernel), tf.convert_to_tensor(recurrent_bias))
+    return run(x, *_weights(kernel, bias, recurrent_kernel, recurrent_bias))
 
 
 def _covered(layer, mask) -> bool:
@@ -186,7 +207,8 @@ class SimpleRNN(_Fused, keras.layers.SimpleRNN):
     __doc__ = keras.layers.SimpleRNN.__doc__
 
     def _recurrence(self, x, cell):
-        return _simple(_project(x, cell.kernel, cell.bias), cell.recurrent_kernel, self.return_sequences), []
+        bias = cell.bias if cell.use_bias else tf.zeros((cell.units,), cell.kernel.dtype)
+        return _simple(x, cell.kernel, bias, cell.recurrent_kernel, self.return_sequences), []
 
 
 @keras.saving.register_keras_serializable(package="tuner")
@@ -197,6 +219,5 @@ class GRU(_Fused, keras.layers.GRU):
         if cell.use_bias:
             input_bias, recurrent_bias = cell.bias[0], cell.bias[1]
         else:
-            input_bias, recurrent_bias = None, tf.zeros((3 * cell.units,), cell.recurrent_kernel.dtype)
-        xw = _project(x, cell.kernel, input_bias)
-        return _gru(xw, cell.recurrent_kernel, recurrent_bias, self.return_sequences), []
+            input_bias = recurrent_bias = tf.zeros((3 * cell.units,), cell.recurrent_kernel.dtype)
+        return _gru(x, cell.kernel, input_bias, cell.recurrent_kernel, recurrent_bias, self.return_sequences), []
