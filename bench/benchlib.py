@@ -72,6 +72,17 @@ def machine() -> dict:
     return info
 
 
+def start_training(configs: list, selected: str) -> tuple[dict, list]:
+    """What a training benchmark does first: glibc's malloc arenas capped as the objective caps them for every
+    worker, the machine printed. Returns the machine and the `configs` whose cell is in `selected` (a,b,c)."""
+    from tuner import models
+
+    models.limit_malloc_arenas()
+    info = machine()
+    print(f"machine: {info}")
+    return info, [c for c in configs if c[0] in selected.split(",")]
+
+
 def contended() -> bool:
     """True while the long reproduction run (that uses both cores) has not finished."""
     path = Path("/tmp/repro/times.txt")

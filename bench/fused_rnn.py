@@ -168,15 +168,9 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.n, args.rounds = 5_984, 2
-    from tuner import models
-
-    models.limit_malloc_arenas()  # as the objective does for every worker
-    machine = benchlib.machine()
-    print(f"machine: {machine}")
+    machine, configs = benchlib.start_training(CONFIGS, args.configs)
     rows = []
-    for cell, units, bs in CONFIGS:
-        if cell not in args.configs.split(","):
-            continue
+    for cell, units, bs in configs:
         row = measure(cell, units, bs, n=args.n, rounds=args.rounds)
         rows.append(row)
         per_round = " ".join(f"{r:.2f}" for r in row["speedup_per_round"])

@@ -189,15 +189,9 @@ def main() -> None:
     p.add_argument("--configs", default="SimpleRNN,LSTM,GRU", help="cells to measure")
     args = p.parse_args()
     n, rounds, repeats = (N_QUICK, 2, 5) if args.quick else (N_FULL, args.rounds, 20)
-    from tuner import models
-
-    models.limit_malloc_arenas()  # as the objective does for every worker
-    machine = benchlib.machine()
-    print(f"machine: {machine}")
+    machine, configs = benchlib.start_training(CONFIGS, args.configs)
     rows = []
-    for cell, units, batch in CONFIGS:
-        if cell not in args.configs.split(","):
-            continue
+    for cell, units, batch in configs:
         row = measure(cell, units, batch, n=n, rounds=rounds, repeats=repeats)
         rows.append(row)
         m, ratio = row["median_epoch_s"], row["ratio"]

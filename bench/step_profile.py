@@ -198,15 +198,9 @@ def main() -> None:
     p.add_argument("--configs", default="SimpleRNN,LSTM,GRU", help="cells to measure")
     p.add_argument("--n", type=int, default=N_FULL, help=f"training images an epoch ({N_FULL})")
     args = p.parse_args()
-    from tuner import models
-
-    models.limit_malloc_arenas()  # as the objective does for every worker
-    machine = benchlib.machine()
-    print(f"machine: {machine}")
+    machine, configs = benchlib.start_training(CONFIGS, args.configs)
     rows = []
-    for cell, units, batch in CONFIGS:
-        if cell not in args.configs.split(","):
-            continue
+    for cell, units, batch in configs:
         t = time.perf_counter()
         rows.append(measure(cell, units, batch, n=N_QUICK if args.quick else args.n))
         print(report(rows[-1]), f"\n  ({time.perf_counter() - t:.0f} s)", flush=True)
