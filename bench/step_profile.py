@@ -72,12 +72,12 @@ def _intervals_union(intervals: list[tuple[int, int]]) -> tuple[int, int]:
 
 
 def _clip(intervals, windows):
-    """The parts of `intervals` inside any of `windows` (both sorted lists of (start, end))."""
-    out = []
+    """The parts of `intervals` inside any of `windows` (both sorted lists of (start, end); windows disjoint)."""
+    out, first = [], 0
     for start, end in intervals:
-        for w_start, w_end in windows:
-            if w_end <= start:
-                continue
+        while first < len(windows) and windows[first][1] <= start:  # ended before this interval and every later one
+            first += 1
+        for w_start, w_end in windows[first:]:
             if w_start >= end:
                 break
             out.append((max(start, w_start), min(end, w_end)))
