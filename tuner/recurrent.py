@@ -49,7 +49,7 @@ def _input_gradients(xs, dxw, kernel, bias):
     an epoch of SimpleRNN-128 trains 1.10x faster, GRU-128 1.07x. The sequences' gradient (a lower layer's, or
     adversarial training's FGSM) is one product over all steps, which TensorFlow prunes when nothing uses it.
     """
-    dkernel = _sum([tf.matmul(x, d, transpose_a=True) for x, d in zip(xs, dxw, strict=True)], kernel)
+    dkernel = _sum([_kernel_gradient(x, d) for x, d in zip(xs, dxw, strict=True)], kernel)
     dbias = _sum([tf.reduce_sum(d, 0) for d in dxw], bias)
     dxt = tf.matmul(tf.reshape(tf.stack(dxw), (-1, kernel.shape[-1])), kernel, transpose_b=True)
     dx = tf.transpose(tf.reshape(dxt, (len(xs), -1, kernel.shape[0])), (1, 0, 2))
@@ -61,7 +61,8 @@ def _weights(*weights):
 
 
 def _kernel_gradient(previous, dz):
-    """previous^T @ dz: one step's share of the recurrent kernel's gradient.
+    """previous^T @ dz: one step's share of a kernel's gradient (the recurrent kernel's, or the input kernel's
+    with the step's input as `previous`).
 
     Each step's share is its own product, summed at the end: it depends neither on the other steps' nor on the
     recurrence's next step, so TensorFlow runs it beside the recurrence (on the other core). One product over all
@@ -73,8 +74,9 @@ def _kernel_gradient(previous, dz):
 def _sum(terms, like):
     """The steps' shares of a gradient (zeros shaped `like` if there are none), summed in one fixed order.
 
-    Not `tf.add_n`: with it, a model and its adversarial wrapper (the same training step in another graph)
-    trained to weights that differed in the last bits; TensorFlow's graph optimizer rewrites sums.
+    Not `tf.add_n`, nor adds one after another: with them, a model and its adversarial wrapper (the same training
+    step in another graph) trained to weights that differed in the last bits; TensorFlow's graph optimizer
+    rewrites sums.
     """
     return tf.reduce_sum(tf.stack(terms), 0) if terms else tf.zeros_like(like)
 
