@@ -244,7 +244,7 @@ def storage(d: dict) -> str:
 # pruning results: the sixteenth, fifteenth, fourteenth, thirteenth, eleventh and ninth rounds' checks of the
 # default, the eighth round's default, then the fourth and fifth rounds' default (steps counted in epochs trained),
 # the median pruner, the earlier default (Keras's 0-based epoch index as the step) and its experiments
-PRUNING = ("pruning_round16_seed0", "pruning_round16_seed1", "pruning_round16_seed0_before",
+PRUNING = ("pruning_round16_seed0", "pruning_round16_seed1", "pruning_round16_seed2", "pruning_round16_seed0_before",
            "pruning_round15_seed0", "pruning_round15_seed1",
            "pruning_round14_seed0", "pruning_round14_seed1",
            "pruning_round13_seed0", "pruning_round13_seed1",
