@@ -241,10 +241,11 @@ def storage(d: dict) -> str:
     return "\n".join(out)
 
 
-# pruning results: the sixteenth, fifteenth, fourteenth, thirteenth, eleventh and ninth rounds' checks of the
-# default, the eighth round's default, then the fourth and fifth rounds' default (steps counted in epochs trained),
-# the median pruner, the earlier default (Keras's 0-based epoch index as the step) and its experiments
-PRUNING = ("pruning_round16_seed0", "pruning_round16_seed1", "pruning_round16_seed2", "pruning_round16_seed0_before",
+# pruning results: the seventeenth, sixteenth, fifteenth, fourteenth, thirteenth, eleventh and ninth rounds'
+# checks of the default, the eighth round's default, then the fourth and fifth rounds' default (steps counted in
+# epochs trained), the median pruner, the earlier default (Keras's 0-based epoch index as the step) and its experiments
+PRUNING = ("pruning_round17_seed3",
+           "pruning_round16_seed0", "pruning_round16_seed1", "pruning_round16_seed2", "pruning_round16_seed0_before",
            "pruning_round15_seed0", "pruning_round15_seed1",
            "pruning_round14_seed0", "pruning_round14_seed1",
            "pruning_round13_seed0", "pruning_round13_seed1",
@@ -263,7 +264,10 @@ PRUNING = ("pruning_round16_seed0", "pruning_round16_seed1", "pruning_round16_se
 
 
 # every results file, newest round first, with the function that prints its table
-RESULTS = (("train_speed_goal_round16", train_speed), ("step_profile_round16", step_profile),
+RESULTS = (("train_speed_goal_round17", train_speed), ("trial_overhead_round17", trial_overhead),
+           ("storage_round17", storage), ("step_products_round17", step_products),
+           ("fused_rnn_round17", fused_rnn), ("trial_memory_round17", trial_overhead),
+           ("train_speed_goal_round16", train_speed), ("step_profile_round16", step_profile),
            ("train_speed_goal_round16_before", train_speed), ("step_products_round16", step_products),
            ("recurrence_bound_round16", recurrence_bound), ("trial_overhead_round16", trial_overhead),
            ("storage_round16", storage), ("trial_memory_round16", trial_overhead),
