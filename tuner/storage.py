@@ -410,7 +410,7 @@ class TunerStorage(RDBStorage):
         """
         from optuna.storages._rdb import models
 
-        studies, trials = models.StudyModel.__table__, models.TrialModel.__table__
+        trials = models.TrialModel.__table__
         in_transaction = lock is not None and self.engine.dialect.name == "postgresql"
 
         def attempt() -> FrozenTrial | None:
@@ -425,15 +425,10 @@ class TunerStorage(RDBStorage):
                     locked = _study_row_locked()
                     found = conn.execute(locked, {"study_id": study_id, "key": _lock_key(lock)}).first()
                 else:
-                    locked = sqlalchemy.select(studies.c.study_id).where(studies.c.study_id == study_id)
-                    found = conn.execute(locked.with_for_update()).first()
+                    found = conn.execute(_claim_statements()[0], {"study_id": study_id}).first()
                 if found is None:
                     raise KeyError(models.NOT_FOUND_MSG)
-                census = conn.execute(
-                    sqlalchemy.select(
-                        trials.c.state, sqlalchemy.func.count(trials.c.trial_id), sqlalchemy.func.min(trials.c.trial_id)
-                    ).where(trials.c.study_id == study_id).group_by(trials.c.state)
-                ).all()  # fmt: skip
+                census = conn.execute(_claim_statements()[1], {"study_id": study_id}).all()
                 counts = {TrialState(state): n for state, n, _ in census}
                 waiting = next((first for state, _, first in census if TrialState(state) == TrialState.WAITING), None)
                 if waiting is not None:
@@ -504,32 +499,23 @@ class TunerStorage(RDBStorage):
         the study's trials, is the new one's number, as Optuna numbers it): a new trial, RUNNING for `worker`
         from now, with its first heartbeat and `worker` as its `worker` user attribute. Nothing else is in it
         yet, so it is not read back."""
-        from optuna.storages._rdb import models
-
-        trials = models.TrialModel.__table__
-        beats, attrs = models.TrialHeartbeatModel.__table__, models.TrialUserAttributeModel.__table__
         now = datetime.datetime.now()
         if conn.dialect.name == "mysql":  # Optuna's DATETIME columns there keep whole seconds: hold what is stored
             now = now.replace(microsecond=0)
-        trial = sqlalchemy.insert(trials).values(
-            number=number, study_id=study_id, state=TrialState.RUNNING, datetime_start=_utc(now)
-        )
-        who = json.dumps(worker)
+        given = {
+            "new_number": number,
+            "new_study_id": study_id,
+            "new_start": _utc(now),
+            "new_worker": json.dumps(worker),
+        }
         if conn.dialect.name == "postgresql":  # the three rows in one statement: one round trip instead of three
-            created = trial.returning(trials.c.trial_id).cte("created")
-            beat = sqlalchemy.insert(beats).from_select(
-                ["trial_id", "heartbeat"], sqlalchemy.select(created.c.trial_id, sqlalchemy.func.current_timestamp())
-            )
-            attr = sqlalchemy.insert(attrs).from_select(
-                ["trial_id", "key", "value_json"],
-                sqlalchemy.select(created.c.trial_id, sqlalchemy.literal("worker"), sqlalchemy.literal(who)),
-            )
-            both = sqlalchemy.select(created.c.trial_id).add_cte(beat.cte("beat"), attr.cte("attr"))
-            trial_id = conn.execute(both).scalar_one()
+            trial_id = conn.execute(_new_trial_statements(True)[0], given).scalar_one()
         else:
-            trial_id = conn.execute(trial).inserted_primary_key[0]
-            conn.execute(sqlalchemy.insert(beats).values(trial_id=trial_id))
-            conn.execute(sqlalchemy.insert(attrs).values(trial_id=trial_id, key="worker", value_json=who))
+            trial, beat, attr = _new_trial_statements(False)
+            who = given.pop("new_worker")
+            trial_id = conn.execute(trial, given).inserted_primary_key[0]
+            conn.execute(beat, {"new_trial_id": trial_id})
+            conn.execute(attr, {"new_trial_id": trial_id, "new_worker": who})
         return FrozenTrial(
             number=number,
             state=TrialState.RUNNING,
@@ -555,35 +541,24 @@ class TunerStorage(RDBStorage):
         queued (another worker took it first)."""
         from optuna.storages._rdb import models
 
-        trials, stored = models.TrialModel.__table__, models.TrialValueModel.__table__
-
         def attempt() -> bool:
-            now = _utc(datetime.datetime.now())
-            change: dict = {"state": state}
-            if state == TrialState.RUNNING:
-                change["datetime_start"] = now
-            if state.is_finished():
-                change["datetime_complete"] = now
-            takes = [TrialState.WAITING] if state == TrialState.RUNNING else [TrialState.RUNNING, TrialState.WAITING]
             rows = [models.TrialValueModel.value_to_stored_repr(value) for value in values or ()]
-            move = sqlalchemy.update(trials).where(trials.c.trial_id == trial_id, trials.c.state.in_(takes))
-            move = move.values(**change)
+            given = {"move_trial_id": trial_id, "move_now": _utc(datetime.datetime.now())}
             one_statement = self.engine.dialect.name == "postgresql"  # one round trip in autocommit, not four
             try:
                 with self._unwrapped() if one_statement else self.engine.begin() as conn:
                     if one_statement:
-                        moved = conn.execute(_moved_with_values(move, rows)).scalar_one()
+                        given.update(_bound_values(rows))
+                        moved = conn.execute(_moved_with_values(state, len(rows)), given).scalar_one()
                     else:
-                        moved = conn.execute(move).rowcount
+                        moved = conn.execute(_move(state), given).rowcount
                     if not moved:
                         current = self._state(conn, trial_id)
                         self.check_trial_is_updatable(trial_id, current)
                         return False  # RUNNING asked of a trial that is RUNNING already
                     for objective, (number, kind) in enumerate([] if one_statement else rows):
-                        self._upsert(
-                            conn, stored, {"trial_id": trial_id, "objective": objective},
-                            {"value": number, "value_type": kind},
-                        )  # fmt: skip
+                        row = {"trial_id": trial_id, "objective": objective, "value": number, "value_type": kind}
+                        conn.execute(_value_upsert(conn.dialect.name), row)
             except sqlalchemy.exc.IntegrityError:
                 return False
             return True
@@ -687,11 +662,6 @@ class TunerStorage(RDBStorage):
         if state is None:
             raise KeyError(models.NOT_FOUND_MSG)
         return state
-
-    @staticmethod
-    def _upsert(conn: sqlalchemy.Connection, table: sqlalchemy.Table, keys: dict, values: dict) -> None:
-        """Insert the row `keys | values` or, if a row with `keys` (a unique key) exists, set its `values`."""
-        conn.execute(_upsert_statement(conn.dialect.name, table, {**keys, **values}, keys, values))
 
     @functools.cached_property
     def _started(self) -> dict[int, FrozenTrial]:
@@ -843,33 +813,118 @@ def _dialect_insert(dialect: str):
 
 def _upsert_statement(dialect: str, table: sqlalchemy.Table, row, keys, values):
     """The dialect's own upsert, as Optuna writes attributes: ON CONFLICT DO UPDATE (PostgreSQL, SQLite) or ON
-    DUPLICATE KEY UPDATE (MySQL). `row` is a dict of values or a select of them in table column order."""
+    DUPLICATE KEY UPDATE (MySQL). `row` is a select of the values in table column order, or None: the row is
+    given when the statement runs, as parameters named by column."""
     insert = _dialect_insert(dialect)(table)
-    stmt = insert.values(row) if isinstance(row, dict) else insert.from_select(list(keys) + list(values), row)
+    stmt = insert if row is None else insert.from_select(list(keys) + list(values), row)
     if dialect == "mysql":
         return stmt.on_duplicate_key_update({c: stmt.inserted[c] for c in values})
     return stmt.on_conflict_do_update(index_elements=list(keys), set_={c: stmt.excluded[c] for c in values})
 
 
-def _moved_with_values(move: sqlalchemy.Update, rows: list[tuple]) -> sqlalchemy.Select:
-    """PostgreSQL: the trial's move to its new state (`move`, an UPDATE of its row) and its values (`rows`, each
-    a stored number and its kind, by objective) in one statement, which counts the rows moved (0 or 1): the
-    values are stored only if the trial moved. One statement is atomic on its own, with no transaction around."""
+# Statements a trial runs every time, built once (SQLAlchemy's building and cache key cost more than running
+# them on SQLite): bound parameters take each call's values, named apart from the columns they fill.
+
+
+@functools.cache
+def _claim_statements() -> tuple[sqlalchemy.Select, sqlalchemy.Select]:
+    """For `claim_trial` outside PostgreSQL: the lock on the study's row (`study_id`), and the study's trials
+    counted by state, with the first id in each state."""
+    from optuna.storages._rdb import models
+
+    studies, trials = models.StudyModel.__table__, models.TrialModel.__table__
+    study = sqlalchemy.bindparam("study_id", type_=sqlalchemy.Integer)
+    locked = sqlalchemy.select(studies.c.study_id).where(studies.c.study_id == study).with_for_update()
+    census = sqlalchemy.select(
+        trials.c.state, sqlalchemy.func.count(trials.c.trial_id), sqlalchemy.func.min(trials.c.trial_id)
+    ).where(trials.c.study_id == study).group_by(trials.c.state)  # fmt: skip
+    return locked, census
+
+
+@functools.cache
+def _new_trial_statements(postgresql: bool) -> tuple:
+    """For `_new_for`: a RUNNING trial (`new_number`, `new_study_id`, `new_start`), its heartbeat and its
+    `worker` user attribute (`new_worker`, JSON). On PostgreSQL one statement for the three rows, returning the
+    trial's id; elsewhere three, the last two bound to `new_trial_id`."""
+    from optuna.storages._rdb import models
+
+    trials = models.TrialModel.__table__
+    beats, attrs = models.TrialHeartbeatModel.__table__, models.TrialUserAttributeModel.__table__
+    trial = sqlalchemy.insert(trials).values(
+        number=sqlalchemy.bindparam("new_number", type_=trials.c.number.type),
+        study_id=sqlalchemy.bindparam("new_study_id", type_=trials.c.study_id.type),
+        state=TrialState.RUNNING,
+        datetime_start=sqlalchemy.bindparam("new_start", type_=trials.c.datetime_start.type),
+    )
+    who = sqlalchemy.bindparam("new_worker", type_=attrs.c.value_json.type)
+    if not postgresql:
+        new_id = sqlalchemy.bindparam("new_trial_id", type_=sqlalchemy.Integer)
+        beat = sqlalchemy.insert(beats).values(trial_id=new_id)
+        return trial, beat, sqlalchemy.insert(attrs).values(trial_id=new_id, key="worker", value_json=who)
+    created = trial.returning(trials.c.trial_id).cte("created")
+    beat = sqlalchemy.insert(beats).from_select(
+        ["trial_id", "heartbeat"], sqlalchemy.select(created.c.trial_id, sqlalchemy.func.current_timestamp())
+    )
+    attr = sqlalchemy.insert(attrs).from_select(
+        ["trial_id", "key", "value_json"], sqlalchemy.select(created.c.trial_id, sqlalchemy.literal("worker"), who)
+    )
+    return (sqlalchemy.select(created.c.trial_id).add_cte(beat.cte("beat"), attr.cte("attr")),)
+
+
+@functools.cache
+def _move(state: TrialState) -> sqlalchemy.Update:
+    """The trial `move_trial_id` made `state`, if it is in a state that can become `state` (a queued trial can
+    start; a running or queued one can finish or be queued again), started or finished at `move_now`."""
+    from optuna.storages._rdb import models
+
+    trials = models.TrialModel.__table__
+    now = sqlalchemy.bindparam("move_now", type_=trials.c.datetime_start.type)
+    change: dict = {"state": state}
+    if state == TrialState.RUNNING:
+        change["datetime_start"] = now
+    if state.is_finished():
+        change["datetime_complete"] = now
+    takes = [TrialState.WAITING] if state == TrialState.RUNNING else [TrialState.RUNNING, TrialState.WAITING]
+    trial = sqlalchemy.bindparam("move_trial_id", type_=sqlalchemy.Integer)
+    return sqlalchemy.update(trials).where(trials.c.trial_id == trial, trials.c.state.in_(takes)).values(**change)
+
+
+@functools.cache
+def _value_upsert(dialect: str):
+    """A trial's value for one objective, set or replaced (bound: the columns' names)."""
+    from optuna.storages._rdb import models
+
+    return _upsert_statement(dialect, models.TrialValueModel.__table__, None, ["trial_id", "objective"],
+                             ["value", "value_type"])  # fmt: skip
+
+
+def _bound_values(rows: list[tuple]) -> dict:
+    """The parameters of `_moved_with_values` for `rows` (each a stored number and its kind, by objective)."""
+    return {f"{name}_{objective}": x for objective, row in enumerate(rows) for name, x in zip(("value", "kind"), row)}
+
+
+@functools.cache
+def _moved_with_values(state: TrialState, n_values: int) -> sqlalchemy.Select:
+    """PostgreSQL: the trial's move to `state` (`_move`) and its values (`n_values` of them, bound as `value_N`
+    and `kind_N` for objective N, a stored number and its kind) in one statement, which counts the rows moved (0
+    or 1): the values are stored only if the trial moved. One statement is atomic on its own, with no
+    transaction around."""
     from optuna.storages._rdb import models
 
     stored = models.TrialValueModel.__table__
+    move = _move(state)
     moved = move.returning(move.table.c.trial_id).cte("moved")
     count = sqlalchemy.select(sqlalchemy.func.count()).select_from(moved)
-    if not rows:
+    if not n_values:
         return count
     value_type, kind_type = stored.c.value.type, stored.c.value_type.type  # cast: in a UNION, a parameter is text
     each = [
         sqlalchemy.select(
             moved.c.trial_id, sqlalchemy.literal(objective),
-            sqlalchemy.cast(sqlalchemy.literal(number, value_type), value_type),
-            sqlalchemy.cast(sqlalchemy.literal(kind, kind_type), kind_type),
+            sqlalchemy.cast(sqlalchemy.bindparam(f"value_{objective}", type_=value_type), value_type),
+            sqlalchemy.cast(sqlalchemy.bindparam(f"kind_{objective}", type_=kind_type), kind_type),
         )
-        for objective, (number, kind) in enumerate(rows)
+        for objective in range(n_values)
     ]  # fmt: skip
     values = each[0] if len(each) == 1 else sqlalchemy.union_all(*each)
     upsert = _upsert_statement("postgresql", stored, values, ["trial_id", "objective"], ["value", "value_type"])
