@@ -23,12 +23,14 @@ postgres, trust): a throwaway database is created for the run and dropped after 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import benchlib
 
@@ -204,17 +206,80 @@ class ThrowawayPostgres:
             conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
 
 
+def against(other: str, rounds: int, n: int, tmp: str) -> dict:
+    """tuner's loop with this checkout's `tuner` and with the checkout `other`'s (an earlier commit, say), each
+    in a process of its own taking turns, the order reversed every other round: `n` trials of each sampler on a
+    new SQLite file and a new PostgreSQL database. Returns every run and, by database and sampler, the median
+    milliseconds a trial of each and their ratio (the other's over this one's: this one's speed-up)."""
+    import statistics
+
+    here = str(Path(__file__).resolve().parents[1])
+
+    def commit(path: str) -> str:
+        return subprocess.run(["git", "-C", path, "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True).stdout.strip()  # fmt: skip
+
+    runs = []
+    for r in range(rounds):
+        for code in [here, other] if r % 2 == 0 else [other, here]:
+            for backend in ("sqlite", "postgresql"):
+                for sampler in ("random", "tpe"):
+                    fresh = ThrowawayPostgres() if backend == "postgresql" else contextlib.nullcontext()
+                    with fresh as pg:
+                        url = f"sqlite:///{tmp}/against-{len(runs)}.db" if pg is None else pg
+                        cmd = [sys.executable, __file__, "--loop", json.dumps([url, sampler, n])]
+                        env = {**os.environ, "PYTHONPATH": code}
+                        done = subprocess.run(cmd, cwd=code, env=env, capture_output=True, text=True)
+                    if done.returncode:
+                        raise SystemExit(f"the loop failed with {code}'s tuner: {done.stderr.strip()[-2000:]}")
+                    run = json.loads(done.stdout.splitlines()[-1])
+                    if not run.pop("tuner").startswith(code):
+                        raise SystemExit(f"the loop did not import {code}'s tuner")
+                    runs.append({"code": "this" if code == here else "other", "round": r, **run})
+                    print(f"round {r} {runs[-1]['code']:5} {backend:10} {sampler:6}: {run['ms_per_trial_mean']:6.2f} "
+                          f"ms/trial mean over {n} trials", flush=True)  # fmt: skip
+    summary = []
+    for backend in ("sqlite", "postgresql"):
+        for sampler in ("random", "tpe"):
+            ms = {code: statistics.median(x["ms_per_trial_mean"] for x in runs if x["code"] == code
+                                          and x["backend"] == backend and x["sampler"] == sampler)
+                  for code in ("this", "other")}  # fmt: skip
+            summary.append({"backend": backend, "sampler": sampler, "trials": n, "this_ms": ms["this"],
+                            "other_ms": ms["other"], "speedup": ms["other"] / ms["this"]})  # fmt: skip
+            print(f"{backend:10} {sampler:6}: this checkout {ms['this']:6.2f} ms a trial, the other "
+                  f"{ms['other']:6.2f} (median of {rounds}): {ms['other'] / ms['this']:.2f}x", flush=True)  # fmt: skip
+    return {"this": here, "this_commit": commit(here), "other": other, "other_commit": commit(other),
+            "rounds": rounds, "runs": runs, "summary": summary}  # fmt: skip
+
+
 def main() -> None:
     p = benchlib.parser(__doc__.split("\n\n")[0])
     p.add_argument("--worker", help=benchlib_hidden())
+    p.add_argument("--loop", help=benchlib_hidden())
     p.add_argument("--workers-only", action="store_true", help="only the 1-8 worker throughput runs")
     p.add_argument("--reads-only", action="store_true", help="only the reads at 1,000 and 10,000 trials")
+    p.add_argument("--against", metavar="CHECKOUT",
+                   help="only tuner's loop, against another checkout's tuner, in turns")  # fmt: skip
+    p.add_argument("--rounds", type=int, default=3, help="turns of each checkout with --against (3)")
     args = p.parse_args()
     if args.worker:
         worker(*json.loads(args.worker))
         return
+    if args.loop:  # one run of `against`: what it prints last is the run, and which tuner ran it
+        import tuner
+
+        url, sampler, n = json.loads(args.loop)
+        print(json.dumps({**loop_overhead(url, "tuner", sampler, n), "tuner": tuner.__file__}))
+        return
     machine = benchlib.machine()
     print(f"machine: {machine}")
+    if args.against:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            found = against(str(Path(args.against).resolve()), args.rounds, 50 if args.quick else 300, tmp)
+        benchlib.write_json(args.json, {"machine": machine, "against": found})
+        return
     n = 100 if args.quick else 1_000
     per_worker = 4 if args.quick else 16
     counts = [1, 2] if args.quick else [1, 2, 4, 8]

@@ -229,6 +229,20 @@ def storage(d: dict) -> str:
                 f"| {r['ms_per_read_older']:.3f} |" if "ms_per_read_older" in r else
                 f"| {r['backend']} | {r['trials']:,} | {r['ms_per_read']:.3f} | - |" for r in d["reads"]]  # fmt: skip
         out.append("")
+    if d.get("against"):  # this checkout's tuner against another's, in turns (storage.py --against)
+        a = d["against"]
+        out += [f"This checkout ({a['this_commit']}) against {a['other_commit']}, median of {a['rounds']}:",
+                "", "| database | sampler | trials a run | ms a trial, this | ms a trial, the other | speed-up "
+                "| per round (the other over this) |", "|---|---|---:|---:|---:|---:|---|"]  # fmt: skip
+        for r in a["summary"]:
+            mine = [x for x in a["runs"] if x["backend"] == r["backend"] and x["sampler"] == r["sampler"]]
+            per_round = ", ".join(
+                f"{o['ms_per_trial_mean'] / t['ms_per_trial_mean']:.2f}"
+                for t, o in zip([x for x in mine if x["code"] == "this"], [x for x in mine if x["code"] == "other"])
+            )
+            out.append(f"| {r['backend']} | {r['sampler']} | {r['trials']} | {r['this_ms']:.2f} | {r['other_ms']:.2f} "
+                       f"| {r['speedup']:.2f}x | {per_round} |")  # fmt: skip
+        out.append("")
     if not d.get("workers"):
         return "\n".join(out)
     out += ["| loop | workers | trials | elapsed s | ideal s | share of ideal | first trial late by s "
@@ -266,6 +280,7 @@ PRUNING = ("pruning_round17_seed3",
 # every results file, newest round first, with the function that prints its table
 RESULTS = (("train_speed_goal_round17", train_speed), ("trial_overhead_round17", trial_overhead),
            ("storage_round17", storage), ("step_products_round17", step_products),
+           ("storage_against_round17", storage),
            ("fused_rnn_round17", fused_rnn), ("trial_memory_round17", trial_overhead),
            ("train_speed_goal_round16", train_speed), ("step_profile_round16", step_profile),
            ("train_speed_goal_round16_before", train_speed), ("step_products_round16", step_products),
