@@ -280,7 +280,7 @@ PRUNING = ("pruning_round17_seed3",
 # every results file, newest round first, with the function that prints its table
 RESULTS = (("train_speed_goal_round17", train_speed), ("trial_overhead_round17", trial_overhead),
            ("storage_round17", storage), ("step_products_round17", step_products),
-           ("storage_against_round17", storage),
+           ("storage_round17b", storage), ("storage_against_round17", storage),
            ("fused_rnn_round17", fused_rnn), ("trial_memory_round17", trial_overhead),
            ("train_speed_goal_round16", train_speed), ("step_profile_round16", step_profile),
            ("train_speed_goal_round16_before", train_speed), ("step_products_round16", step_products),
