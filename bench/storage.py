@@ -2,6 +2,7 @@
 
     python bench/storage.py --json bench/results/storage.json      # about 10 minutes on 2 cores
     python bench/storage.py --quick
+    python bench/storage.py --against /tmp/before --json bench/results/storage_against.json   # another checkout's tuner
 
 Overhead: a trivial objective (one float, returns its square), so every millisecond is the loop's: tuner's own
 (`tuner.storage.open_storage` with its default 10 s heartbeat, `tuner.study.run_trials` claiming each trial under
@@ -14,6 +15,11 @@ and of 10,000 trials (made by tuner's loop with the random sampler, no ANALYZE: 
 like a moment after its trials were written), that read timed as one worker makes it (the trial it runs is the
 newest) and as one of several makes it (one trial still unfinished since the middle of the study): milliseconds
 a read, the median of 10 blocks of 200. A read that does not grow with the study costs the same at both sizes.
+
+Against (`--against CHECKOUT`, nothing else run): tuner's loop with this checkout's `tuner` and with another
+checkout's (an earlier commit's, to measure a change), each run in a process of its own, the two taking turns
+(the order reversed every other round), 300 trials of each sampler a run on a new SQLite file and a new
+PostgreSQL database: milliseconds a trial of each, medians over the rounds, and their ratio.
 
 Workers: 1, 2, 4 and 8 processes on one PostgreSQL study, an objective that sleeps 0.5 s, 16 trials per
 worker, every worker starting at the same instant after its imports. Throughput as a share of ideal
