@@ -255,11 +255,10 @@ def storage(d: dict) -> str:
     return "\n".join(out)
 
 
-# pruning results: the seventeenth, sixteenth, fifteenth, fourteenth, thirteenth, eleventh and ninth rounds'
+# pruning results: the sixteenth, fifteenth, fourteenth, thirteenth, eleventh and ninth rounds'
 # checks of the default, the eighth round's default, then the fourth and fifth rounds' default (steps counted in
 # epochs trained), the median pruner, the earlier default (Keras's 0-based epoch index as the step) and its experiments
-PRUNING = ("pruning_round17_seed3",
-           "pruning_round16_seed0", "pruning_round16_seed1", "pruning_round16_seed2", "pruning_round16_seed0_before",
+PRUNING = ("pruning_round16_seed0", "pruning_round16_seed1", "pruning_round16_seed2", "pruning_round16_seed0_before",
            "pruning_round15_seed0", "pruning_round15_seed1",
            "pruning_round14_seed0", "pruning_round14_seed1",
            "pruning_round13_seed0", "pruning_round13_seed1",
