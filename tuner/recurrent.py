@@ -12,7 +12,8 @@ makes three more products (the state's gradient and both weight gradients), each
 
 LSTM is not here: the same treatment of Keras's LSTM (measured at commit 24756ee, BENCHMARKS.md section 1) trained
 no faster (0.90-1.05x an epoch on the seventh benchmark machine, 1.00x with step-by-step weight gradients on
-the eighth) and traced its train step 0.3-0.4 s longer.
+the eighth) and traced its train step 0.3-0.4 s longer; written as these layers are now (`stepwise_lstm` in
+bench/fused_rnn.py), 1.01x on the eighteenth, its train step traced 0.36 s longer.
 
 The layers are subclasses that differ from Keras's only in `inner_loop`, and only in training: the same weights,
 initial values, dropout masks (the cell's own, drawn as Keras draws them) and serialisation, the same function
