@@ -19,6 +19,7 @@ From the profile's own events (its XSpace, read with the protobuf TensorFlow shi
   groups (`GROUPS`), and the ops that took longest, by name, a step.
 
 The profiler slows the epoch (`profiled_epoch_s` beside `epoch_s`): read the shares, not the seconds.
+`--lstm-lever` also profiles LSTM with `fused_rnn.stepwise_lstm` (a lever, not shipped) in place of Keras's layer.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import tempfile
 import time
 
 import benchlib
-from fused_rnn import build
+from fused_rnn import build, stepwise_lstm
 from train_speed import CONFIGS, N_FULL, N_QUICK, flops_per_sample
 
 MATMUL = ("MatMul", "_MklMatMul", "_MklNativeMatMul", "_MklNativeFusedMatMul", "_MklFusedMatMul", "BatchMatMulV2",
@@ -134,7 +135,7 @@ def read_profile(path: str) -> dict:
     }
 
 
-def measure(cell: str, units: int, batch: int, *, n: int) -> dict:
+def measure(cell: str, units: int, batch: int, *, n: int, layer=None) -> dict:
     import tensorflow as tf
 
     from tuner import data, models
@@ -143,7 +144,7 @@ def measure(cell: str, units: int, batch: int, *, n: int) -> dict:
     splits = data.Splits(full.x_train[:n], full.y_train[:n], None, None, None, None, full.source)
     warm_n = 4 * batch + n % batch  # the same last partial batch: both train functions traced
     warm = data.Splits(full.x_train[:warm_n], full.y_train[:warm_n], None, None, None, None, full.source)
-    model = build(cell, units)
+    model = build(cell, units, layer)
     models.train(model, warm, batch_size=batch, epochs=1, seed=0, evaluate_test=False)
     rate = benchlib.matmul_rate()["gflops"]
     epoch_s = models.train(model, splits, batch_size=batch, epochs=1, seed=1, evaluate_test=False).epochs[0].seconds
@@ -157,7 +158,7 @@ def measure(cell: str, units: int, batch: int, *, n: int) -> dict:
         figures = read_profile(glob.glob(f"{logdir}/plugins/profile/*/*.xplane.pb")[0])
     floor = flops_per_sample(cell, units) * n / (max(rate, benchlib.matmul_rate()["gflops"]) * 1e9)
     return {
-        "config": f"{cell}-{units} batch {batch}",
+        "config": f"{cell}-{units} batch {batch}" + (" (stepwise lever)" if layer is not None else ""),
         "n_train": n,
         "epoch_s": epoch_s,
         "floor_s": floor,
@@ -197,12 +198,16 @@ def main() -> None:
     p = benchlib.parser(__doc__.split("\n\n")[0])
     p.add_argument("--configs", default="SimpleRNN,LSTM,GRU", help="cells to measure")
     p.add_argument("--n", type=int, default=N_FULL, help=f"training images an epoch ({N_FULL})")
+    p.add_argument("--lstm-lever", action="store_true", help="LSTM with fused_rnn.stepwise_lstm too")
     args = p.parse_args()
     machine, configs = benchlib.start_training(CONFIGS, args.configs)
+    jobs = [(c, None) for c in configs]
+    if args.lstm_lever:
+        jobs += [(c, stepwise_lstm()) for c in configs if c[0] == "LSTM"]
     rows = []
-    for cell, units, batch in configs:
+    for (cell, units, batch), layer in jobs:
         t = time.perf_counter()
-        rows.append(measure(cell, units, batch, n=N_QUICK if args.quick else args.n))
+        rows.append(measure(cell, units, batch, n=N_QUICK if args.quick else args.n, layer=layer))
         print(report(rows[-1]), f"\n  ({time.perf_counter() - t:.0f} s)", flush=True)
         benchlib.write_json(args.json, {"machine": machine, "rows": rows})
 
