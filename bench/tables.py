@@ -293,7 +293,8 @@ PRUNING = ("pruning_round18_seed3", "pruning_round18_seed4", "pruning_round18_se
 # every results file, newest round first, with the function that prints its table
 RESULTS = (("train_speed_goal_round18", train_speed), ("trial_overhead_round18", trial_overhead),
            ("storage_round18", storage), ("step_products_round18", step_products), ("fused_rnn_round18", fused_rnn),
-           ("vs_kerastuner_round18", vs_kerastuner), ("trial_memory_round18", trial_overhead),
+           ("vs_kerastuner_round18", vs_kerastuner), ("train_speed_levers_round18", train_speed),
+           ("trial_memory_round18", trial_overhead), ("step_profile_lstm_round18", step_profile),
            ("train_speed_goal_round17", train_speed), ("trial_overhead_round17", trial_overhead),
            ("storage_round17", storage), ("step_products_round17", step_products),
            ("storage_round17b", storage), ("storage_against_round17", storage),
