@@ -69,6 +69,28 @@ def test_same_function_and_gradients_as_keras(cell, layers, dropout, calls):
         np.testing.assert_allclose(ours(X).numpy(), theirs(X).numpy(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(("layers", "dropout", "use_bias"), [(1, 0.0, True), (2, 0.3, True), (1, 0.0, False)])
+def test_the_benchmarks_lstm_lever_computes_keras_lstm(layers, dropout, use_bias):
+    """bench/fused_rnn.py's `stepwise_lstm` (a lever measured, not shipped): Keras's function and gradients."""
+    import types
+    from pathlib import Path
+
+    bench = str(Path(__file__).resolve().parents[1] / "bench")
+    sys.path.insert(0, bench)
+    try:
+        from fused_rnn import stepwise_lstm
+    finally:
+        sys.path.remove(bench)
+    lever = types.SimpleNamespace(LSTM=stepwise_lstm())
+    ours = _model(lever, "LSTM", layers=layers, dropout=dropout, use_bias=use_bias)
+    theirs = _model(keras.layers, "LSTM", layers=layers, dropout=dropout, use_bias=use_bias)
+    out, grads = _forward_backward(ours, training=True)
+    want_out, want_grads = _forward_backward(theirs, training=True)
+    np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-6)
+    for g, want in zip(grads, want_grads, strict=True):
+        np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
+
+
 @pytest.mark.parametrize("cell", ["SimpleRNN", "GRU"])
 def test_a_one_step_sequence(cell):
     """No step before the last: the recurrent kernel's gradient is zero, as Keras's."""
