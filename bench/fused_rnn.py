@@ -106,9 +106,8 @@ def numpy_simple_rnn():
 def stepwise_lstm():
     """Keras's LSTM (gates i, f, c, o) trained as tuner.recurrent trains SimpleRNN and GRU: the input products of
     all steps as one, one `tf.custom_gradient` whose backward chain holds only what depends on the previous step,
-    each step's share of the weights' gradients beside it. Inference runs Keras's loop. Checked against Keras's
-    layer (outputs, and the gradients of the weights, the sequences and a returned carry) when it was written;
-    tuner.recurrent gives the reasons it is not shipped."""
+    each step's share of the weights' gradients beside it. Inference runs Keras's loop. tests/test_recurrent.py
+    compares it with Keras's layer; tuner.recurrent gives the reasons it is not shipped."""
     import keras
     import tensorflow as tf
 
