@@ -16,17 +16,19 @@ import pytest
 from tuner import data, models
 
 
-def _epochs(dataset, n_batches: int) -> list[list[np.ndarray]]:
-    """The labels of every batch, split into epochs of `n_batches`."""
-    labels = [y.numpy() for _, y in dataset]
-    return [labels[i : i + n_batches] for i in range(0, len(labels), n_batches)]
+def _epochs(batches: models.EpochBatches, n: int) -> list[list[np.ndarray]]:
+    """The labels of every batch of `n` passes, each pass after selecting its epoch."""
+    passes = []
+    for epoch in range(n):
+        batches.select(epoch)
+        passes.append([y.numpy() for _, y in batches.dataset])
+    return passes
 
 
 def test_batches_reshuffle_every_epoch_and_repeat_across_runs():
     x = np.arange(10, dtype=np.float32).reshape(10, 1)
     y = np.arange(10, dtype=np.int32)
-    dataset = models.batches(x, y, batch_size=4, epochs=3, seed=7)
-    epochs = _epochs(dataset, n_batches=3)
+    epochs = _epochs(models.batches(x, y, batch_size=4, epochs=3, seed=7), 3)
     assert len(epochs) == 3
     for batches in epochs:
         assert [len(b) for b in batches] == [4, 4, 2]  # Keras's sizes: full batches, then the partial one
@@ -37,17 +39,60 @@ def test_batches_reshuffle_every_epoch_and_repeat_across_runs():
     assert again == orders  # the same seed, the same batches
     other = [np.concatenate(b).tolist() for b in _epochs(models.batches(x, y, batch_size=4, epochs=3, seed=8), 3)]
     assert other != orders
-    for xb, yb in models.batches(x, y, batch_size=4, seed=7):  # rows stay paired with their labels
+    # numpy's generator draws the epochs' permutations in turn, as before passes ended at the epoch's end
+    rng = np.random.default_rng(7)
+    assert orders == [rng.permutation(10).tolist() for _ in range(3)]
+    for xb, yb in models.batches(x, y, batch_size=4, seed=7).dataset:  # rows stay paired with their labels
         assert xb.numpy()[:, 0].tolist() == yb.numpy().tolist()
 
 
 def test_batches_without_seed_keep_the_arrays_order_with_autotuning_off():
     x = np.zeros((5, 2), dtype=np.float32)
     y = np.arange(5, dtype=np.int32)
-    dataset = models.batches(x, y, batch_size=2)
+    dataset = models.batches(x, y, batch_size=2).dataset
     assert [b.numpy().tolist() for _, b in dataset] == [[0, 1], [2, 3], [4]]
     # tf.data's autotuning thread made the next epoch's start wait 1-4 s (tuner.models.batches)
     assert dataset.options().autotune.enabled is False
+
+
+def test_several_steps_per_call_compute_what_one_step_per_call_does():
+    """Keras runs `STEPS_PER_EXECUTION` train steps per call; each call ends at its epoch's end, so the figures
+    (and the last batch's accuracy, which now comes from the graph) are those of one step per call."""
+    import keras
+
+    splits = data.load(subset=600, validation=True)  # 600 images in batches of 64: 10 steps, calls of 8 and 2
+    assert models.STEPS_PER_EXECUTION == 8
+
+    class LastBatchFromRunningMeans(keras.callbacks.Callback):
+        """The last batch's accuracy recovered from Keras's running mean, which one step per call allows."""
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.seen, self.correct = 0, 0.0
+
+        def on_train_batch_end(self, batch, logs=None):
+            size = min(64, 600 - batch * 64)
+            seen, correct = self.seen + size, logs["accuracy"] * (self.seen + size)
+            self.last = round(correct - self.correct) / size
+            self.seen, self.correct = seen, correct
+
+        def on_epoch_end(self, epoch, logs=None):
+            found.append(self.last)
+
+    def fit(steps_per_execution: int, callbacks=()) -> tuple[models.FitResult, int]:
+        model = models.build_model(models.ModelConfig(cell="GRU", units=8), seed=4)
+        model.steps_per_execution = steps_per_execution  # read when the train step is traced, in `fit`
+        calls = []
+        train_function = model.make_train_function() or model.train_function
+        model.train_function = lambda iterator: calls.append(1) or train_function(iterator)
+        return models.train(model, splits, batch_size=64, epochs=3, seed=4, callbacks=callbacks), len(calls)
+
+    found: list[float] = []
+    several, several_calls = fit(8)
+    one, one_calls = fit(1, [LastBatchFromRunningMeans()])
+    assert (several_calls, one_calls) == (3 * 2, 3 * 10)
+    assert _figures(several) == _figures(one)
+    assert [e.last_batch_accuracy for e in several.epochs] == found
+    assert all(round(e.last_batch_accuracy * 24, 6).is_integer() for e in several.epochs)  # a count of 24
 
 
 def test_training_is_reproducible_and_reshuffles():

@@ -288,9 +288,9 @@ def make_adversarial_model(model, eps: float, share: float = 0.5):
     """A Keras model that trains `model` (whose weights it shares) with `share` of every batch replaced by FGSM
     examples made on the fly against the current weights (Goodfellow et al. mix half and half).
 
-    Fit it like any model; it is compiled with `model`'s optimizer, loss and metrics, so the logs keep `loss`
-    and `accuracy`. Validation and evaluation run on the clean inputs. Save or attack `model` itself afterwards.
-    TensorFlow backend only.
+    Fit it like any model; it is compiled with `model`'s optimizer, loss, metrics and steps per execution, so the
+    logs keep `loss` and `accuracy`. Validation and evaluation run on the clean inputs. Save or attack `model`
+    itself afterwards. TensorFlow backend only.
     """
     import keras
 
@@ -304,13 +304,22 @@ def make_adversarial_model(model, eps: float, share: float = 0.5):
     wrapper.compile(
         optimizer=model.optimizer,
         loss=model.loss,
-        metrics=config.get("metrics"),
-        weighted_metrics=config.get("weighted_metrics"),
+        metrics=_metrics(config.get("metrics")),
+        weighted_metrics=_metrics(config.get("weighted_metrics")),
+        steps_per_execution=model.steps_per_execution,
     )
     from tuner.models import build_training_state
 
     build_training_state(wrapper, tuple(model.input_shape[1:]))  # the wrapper's metrics: one trace, not two
     return wrapper
+
+
+def _metrics(serialized: list | None) -> list | None:
+    """Fresh metrics from a compile config's list. Keras would take a metric's config dict only once its own
+    tracking had not wrapped it (as it has by the time the wrapper's compile reads it)."""
+    import keras
+
+    return None if serialized is None else [m if isinstance(m, str) else keras.metrics.get(m) for m in serialized]
 
 
 @functools.cache

@@ -56,7 +56,7 @@ def load_model(trial: optuna.trial.FrozenTrial, artifact_store):
     """The Keras model saved for `trial`."""
     import keras
 
-    from tuner import recurrent  # noqa: F401  registers tuner's layers, which saved models name
+    from tuner import metrics, recurrent  # noqa: F401  registers tuner's layers and metric, which saved models name
 
     artifact_id = trial.user_attrs.get(MODEL_ATTR)
     if artifact_id is None:

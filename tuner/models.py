@@ -13,6 +13,7 @@ import os
 import random
 import sys
 import time
+import types
 import weakref
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -22,6 +23,10 @@ import numpy as np
 from tuner.data import Splits
 
 CELLS = ("SimpleRNN", "LSTM", "GRU")
+# Train steps run per call from Python: Keras loops over them inside one traced function, so the Python, callback
+# and executor work between steps is paid once per call. Executions end at each epoch's end (`batches`), so a
+# model computes exactly what it computes one step per call (tests/test_models.py).
+STEPS_PER_EXECUTION = 8
 OPTIMIZERS = ("adam", "rmsprop", "sgd", "nadam", "adamw")
 
 
@@ -109,10 +114,13 @@ def build_model(config: ModelConfig, *, seed: int, input_shape: tuple[int, int] 
     for i in range(config.layers):
         model.add(layer_cls(config.units, return_sequences=i < config.layers - 1, dropout=config.dropout))
     model.add(keras.layers.Dense(n_classes, activation="softmax"))
+    from tuner.metrics import LastBatchAccuracy
+
     model.compile(
         optimizer=_optimizer(config),
         loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
+        metrics=["accuracy", LastBatchAccuracy()],
+        steps_per_execution=STEPS_PER_EXECUTION,
     )
     build_training_state(model, input_shape)
     return model
@@ -247,16 +255,19 @@ def train(
     """Fit for `epochs`, recording both per-epoch train figures, then (optionally) test accuracy.
 
     `callbacks` run after the recorder, so a pruning callback sees the epoch's figures in `logs`.
-    With `stop_on_divergence`, a NaN or infinite loss stops training at that batch and marks the result
-    diverged instead of running to the last epoch. Pass `result` to keep the epochs recorded so far when a
-    callback (a pruner) stops training by raising. `adversarial=(eps, share)` replaces that share of every
-    batch with FGSM examples made against the current weights (tuner.adversarial).
+    With `stop_on_divergence`, a NaN or infinite loss stops training at the end of that call of the train step
+    (at most `STEPS_PER_EXECUTION` batches on) and marks the result diverged instead of running to the last epoch.
+    Pass `result` to keep the epochs recorded so far when a callback (a pruner) stops training by raising.
+    `adversarial=(eps, share)` replaces that share of every batch with FGSM examples made against the current
+    weights (tuner.adversarial).
     """
     seed_everything(seed)  # the batches' order comes from `seed` in `batches`, dropout masks from the model's seeds
     result = FitResult() if result is None else result
-    n_train = len(splits.y_train)
-    recorder = _recorder_class()(result, batch_size=batch_size, n_train=n_train, stop=stop_on_divergence)
+    made = _callback_classes()
     data = batches(splits.x_train, splits.y_train, batch_size=batch_size, epochs=epochs, seed=seed)
+    watch = [made.Recorder(result, stop=stop_on_divergence)]
+    if stop_on_divergence:
+        watch.append(made.StopOnDivergence(result))
     validation = None if splits.x_val is None else eval_batches(splits.x_val, splits.y_val)
     start = time.perf_counter()
     fitted = model
@@ -267,13 +278,12 @@ def train(
     try:
         with forget_traced_gradients():
             fitted.fit(
-                data,
+                data.dataset,  # no steps_per_epoch: a pass is an epoch, made after `SelectEpoch` chose it
                 epochs=epochs,
-                steps_per_epoch=math.ceil(n_train / batch_size),
                 validation_data=validation,
                 shuffle=False,  # `batches` shuffled already
                 verbose=0,
-                callbacks=[recorder, *callbacks],
+                callbacks=[made.SelectEpoch(data), *watch, *callbacks],
             )
     finally:
         result.fit_seconds = time.perf_counter() - start
@@ -320,37 +330,52 @@ _EVAL_BATCHES: dict[tuple[int, int], object] = {}
 
 
 def eval_batches(x: np.ndarray, y: np.ndarray):
-    """`batches(x, y, batch_size=VAL_BATCH)`, made once per pair of arrays and kept while both live.
+    """`batches(x, y, batch_size=VAL_BATCH).dataset`, made once per pair of arrays and kept while both live.
 
     Every trial of a worker scores the same validation and test arrays; building their pipeline took 0.02 s a call.
     """
-    return _while_alive(_EVAL_BATCHES, (id(x), id(y)), (x, y), lambda: batches(x, y, batch_size=VAL_BATCH))
+    return _while_alive(_EVAL_BATCHES, (id(x), id(y)), (x, y), lambda: batches(x, y, batch_size=VAL_BATCH).dataset)
+
+
+@dataclass(frozen=True)
+class EpochBatches:
+    """A tf.data pipeline whose every pass is one epoch of (x, y) batches: the epoch that `epoch` holds when the
+    pass starts (`select`). The last batch of an epoch is partial, as in Keras."""
+
+    dataset: object  # tf.data.Dataset
+    epoch: object  # tf.Variable, int64
+
+    def select(self, epoch: int) -> None:
+        self.epoch.assign(epoch)
 
 
 def batches(x: np.ndarray, y: np.ndarray, *, batch_size: int, epochs: int = 1, seed: int | None = None):
-    """A tf.data pipeline of (x, y) batches for `epochs` epochs, each epoch's last batch partial as in Keras.
+    """The (x, y) batches of `epochs` epochs as `EpochBatches`: each pass over `.dataset` is the selected epoch.
 
     With `seed`, every epoch is a new permutation drawn by numpy's `default_rng(seed)`: the same batches
     every run, different ones every epoch. (Keras's own `fit(shuffle=True)` on arrays, under
     `keras.utils.set_random_seed`, draws one permutation and repeats it every epoch: tf.data restarts a seeded
     random op with each new iterator.) Without `seed`, the arrays' order (validation, test).
 
-    One iterator serves all epochs, and tf.data's autotuning is off. Keras's array pipeline makes an iterator
-    per epoch whose autotuning thread the previous one's destructor waits for: 1 to 4 s at the start of about
-    one epoch in three (LSTM-128, full data; found with py-spy), a sixth of the epoch's time.
+    A pass ends with its epoch, so Keras's loop of several train steps per call (`STEPS_PER_EXECUTION`) stops
+    there: one stream of all epochs let a call run on into the next epoch's batches, which changed the epoch's
+    figures. tf.data's autotuning is off: Keras's array pipeline makes an iterator per epoch whose autotuning
+    thread the previous one's destructor waits for, 1 to 4 s at the start of about one epoch in three
+    (LSTM-128, full data; found with py-spy), a sixth of the epoch's time.
     """
     import tensorflow as tf
 
     n = len(y)
     rng = None if seed is None else np.random.default_rng(seed)
     order = np.concatenate([np.arange(n) if rng is None else rng.permutation(n) for _ in range(epochs)])
-    starts = np.array([e * n + s for e in range(epochs) for s in range(0, n, batch_size)], dtype=np.int64)
-    sizes = np.minimum(batch_size, n - starts % n)
+    starts = np.arange(0, n, batch_size, dtype=np.int64)
+    sizes = np.minimum(batch_size, n - starts)
     order = tf.constant(order, dtype=tf.int64)
+    epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
 
     def grab(start_size, data):
         start, size = start_size
-        rows = tf.slice(order, [start], [size])
+        rows = tf.slice(order, [epoch * n + start], [size])
         return tf.gather(data[0], rows), tf.gather(data[1], rows)
 
     # The arrays enter as one element repeated (not captured by the map function), as Keras's own pipeline does.
@@ -359,7 +384,7 @@ def batches(x: np.ndarray, y: np.ndarray, *, batch_size: int, epochs: int = 1, s
     options = tf.data.Options()
     options.autotune.enabled = False
     options.experimental_optimization.apply_default_optimizations = False
-    return dataset.prefetch(2).with_options(options)
+    return EpochBatches(dataset.prefetch(2).with_options(options), epoch)
 
 
 _CONSTANTS: dict[int, object] = {}
@@ -449,36 +474,30 @@ def evaluate(model, x: np.ndarray, y: np.ndarray) -> float:
 
 
 @functools.cache
-def _recorder_class():
-    """The recorder callback, defined on first use so that importing this module does not start TensorFlow."""
+def _callback_classes():
+    """`train`'s callbacks, defined on first use so that importing this module does not start TensorFlow."""
     import keras
 
-    class _Recorder(keras.callbacks.Callback):
-        """Records each epoch: both train figures, validation figures, wall time; flags divergence."""
+    class SelectEpoch(keras.callbacks.Callback):
+        """Points the training pipeline at the epoch about to start, before Keras opens its pass."""
 
-        def __init__(self, result: FitResult, *, batch_size: int, n_train: int, stop: bool) -> None:
+        def __init__(self, data: EpochBatches) -> None:
             super().__init__()
-            self.result, self.batch_size, self.n_train, self.stop = result, batch_size, n_train, stop
+            self.data = data
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.data.select(epoch)
+
+    class Recorder(keras.callbacks.Callback):
+        """Records each epoch: both train figures, validation figures, wall time; flags divergence. It has no
+        batch hook, so Keras hands it nothing until the epoch ends."""
+
+        def __init__(self, result: FitResult, *, stop: bool) -> None:
+            super().__init__()
+            self.result, self.stop = result, stop
 
         def on_epoch_begin(self, epoch, logs=None):
             self.t0 = time.perf_counter()
-            self.seen = 0
-            self.correct = 0.0  # running count of correct predictions, recovered from the running mean
-            self.last_batch_accuracy = float("nan")
-
-        def on_train_batch_end(self, batch, logs=None):
-            logs = logs or {}
-            loss = logs.get("loss")
-            if self.stop and loss is not None and not math.isfinite(float(loss)):
-                self.result.diverged = True
-                self.model.stop_training = True
-            # Keras reports the epoch's running mean accuracy, weighted by samples: the last batch's own count of
-            # correct answers is the difference of two running totals (an integer, up to float rounding).
-            size = min(self.batch_size, self.n_train - batch * self.batch_size)
-            seen = self.seen + size
-            correct = float(logs.get("accuracy", 0.0)) * seen
-            self.last_batch_accuracy = round(correct - self.correct) / size
-            self.seen, self.correct = seen, correct
 
         def on_epoch_end(self, epoch, logs=None):
             figures = {k: float(v) for k, v in (logs or {}).items()}
@@ -487,7 +506,7 @@ def _recorder_class():
                     epoch=epoch + 1,
                     loss=figures.get("loss", float("nan")),
                     accuracy=figures.get("accuracy", float("nan")),
-                    last_batch_accuracy=self.last_batch_accuracy,
+                    last_batch_accuracy=figures.get("last_batch_accuracy", float("nan")),
                     seconds=time.perf_counter() - self.t0,
                     val_loss=figures.get("val_loss"),
                     val_accuracy=figures.get("val_accuracy"),
@@ -497,4 +516,18 @@ def _recorder_class():
                 self.result.diverged = True
                 self.model.stop_training = True
 
-    return _Recorder
+    class StopOnDivergence(keras.callbacks.Callback):
+        """Stops training once the loss is NaN or infinite, checked after every call of the train step. (Keras's
+        `TerminateOnNaN` does the same but prints to the terminal, under the search's progress display.)"""
+
+        def __init__(self, result: FitResult) -> None:
+            super().__init__()
+            self.result = result
+
+        def on_train_batch_end(self, batch, logs=None):
+            loss = (logs or {}).get("loss")
+            if loss is not None and not math.isfinite(float(loss)):
+                self.result.diverged = True
+                self.model.stop_training = True
+
+    return types.SimpleNamespace(SelectEpoch=SelectEpoch, Recorder=Recorder, StopOnDivergence=StopOnDivergence)
