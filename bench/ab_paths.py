@@ -139,6 +139,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     opts = parser.parse_args()
     n, rounds = (N_QUICK, 2) if opts.quick else (N_FULL, opts.rounds)
+    info = benchlib.machine()  # its load average before the sides start
     with tempfile.TemporaryDirectory() as tmp:
         base = checkout(opts.base, tmp)
         sides = [Side("base", tmp, None), Side("head", str(benchlib.ROOT), None)]
@@ -154,7 +155,7 @@ def main() -> None:
         for name, s in entry["sides"].items():
             print(f"{entry['config']:<24}{name:>10}{s['median_s']:>10.3f}{s['speedup']:>10.2f}x"
                   f"{min(s['per_round']):>8.2f}-{max(s['per_round']):.2f}x  {s['same_figures_as_base']}")  # fmt: skip
-    benchlib.write_json(opts.json, {"machine": benchlib.machine(), "base": base, "rounds": rounds, "configs": configs})
+    benchlib.write_json(opts.json, {"machine": info, "base": base, "rounds": rounds, "configs": configs})
 
 
 if __name__ == "__main__":

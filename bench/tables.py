@@ -101,6 +101,19 @@ def fused_rnn(d: dict) -> str:
     return "\n".join(out)
 
 
+def ab_paths(d: dict) -> str:
+    out = [f"base {d['base']} against the tree; medians of {d['rounds']} rounds",
+           "", "| configuration | side | steps a call | epoch s | base's epoch over the side's | per round "
+           "| first call s | figures as base's |", "|---|---|---:|---:|---:|---|---:|---|"]  # fmt: skip
+    for c in d["configs"]:
+        for name, s in c["sides"].items():
+            per_round = ", ".join(f"{x:.2f}" for x in s["per_round"])
+            out.append(f"| {c['config']} | {name} | {s['steps_per_execution']} | {s['median_s']:.3f} "
+                       f"| {s['speedup']:.2f}x | {per_round} | {s['first_call_s']:.2f} "
+                       f"| {'same' if s['same_figures_as_base'] else 'DIFFERENT'} |")  # fmt: skip
+    return "\n".join(out)
+
+
 def _us_rate(row: dict, us: str, rate: str) -> str:
     return f"{row[us]:.0f} ({row[rate]:.0f})" if us in row else "-"
 
@@ -270,7 +283,8 @@ def storage(d: dict) -> str:
 # eleventh and ninth rounds' checks of the default, the eighth round's default, then the fourth and fifth rounds'
 # default (steps counted in epochs trained), the median pruner, the earlier default (Keras's 0-based epoch index as
 # the step) and its experiments
-PRUNING = ("pruning_round18_seed3", "pruning_round18_seed4", "pruning_round18_seed0", "pruning_round18_seed1",
+PRUNING = ("pruning_round19_seed3",
+           "pruning_round18_seed3", "pruning_round18_seed4", "pruning_round18_seed0", "pruning_round18_seed1",
            "pruning_round18_seed2",
            "pruning_round16_seed0", "pruning_round16_seed1", "pruning_round16_seed2", "pruning_round16_seed0_before",
            "pruning_round15_seed0", "pruning_round15_seed1",
@@ -291,7 +305,9 @@ PRUNING = ("pruning_round18_seed3", "pruning_round18_seed4", "pruning_round18_se
 
 
 # every results file, newest round first, with the function that prints its table
-RESULTS = (("train_speed_goal_round18", train_speed), ("trial_overhead_round18", trial_overhead),
+RESULTS = (("ab_paths_round19", ab_paths), ("train_speed_goal_round19", train_speed),
+           ("trial_overhead_round19", trial_overhead),
+           ("train_speed_goal_round18", train_speed), ("trial_overhead_round18", trial_overhead),
            ("storage_round18", storage), ("step_products_round18", step_products), ("fused_rnn_round18", fused_rnn),
            ("vs_kerastuner_round18", vs_kerastuner), ("train_speed_levers_round18", train_speed),
            ("trial_memory_round18", trial_overhead), ("step_profile_lstm_round18", step_profile),
