@@ -438,7 +438,8 @@ def goals(folder: Path) -> str:
                  ("train_speed_goal", "trial_overhead", "trial_memory", "vs_kerastuner", "storage")}  # fmt: skip
         if not any(files.values()) and not _load(folder, f"pruning_round{n}_seed0"):
             continue
-        repeat = (files["trial_memory"] or {}).get("memory", {}).get("repeat")
+        memory = files["trial_memory"] or files["trial_overhead"] or {}  # the memory-only run, else the full one's
+        repeat = memory.get("memory", {}).get("repeat")
         growth = f"{repeat['mean_growth_mib']:+.1f}" if repeat else "-"
         a, b = _goal5(files["storage"])
         out.append(f"| {n} | {_kind(folder, n)} | {_goal1(files['train_speed_goal'])} "

@@ -170,6 +170,7 @@ def test_help_explains_every_option(run):
 def test_progress_names_trials_and_epochs(run, tiny_grid, db):
     out = run("grid", tiny_grid, *QUICK, "--storage", db).output
     assert "epoch 1/1" in out and "-> trial 3 complete" in out and "4 complete" in out
+    assert " loss=" in out and " accuracy=" in out and "last_batch" not in out  # the epoch's figures, not the metric's
 
 
 def test_tensorflow_start_up_noise_is_silenced(tiny_grid, tmp_path):

@@ -141,7 +141,8 @@ class _Display:
         self.trial_t0 = time.monotonic()
 
     def epoch(self, number: int, params: dict, epoch: int, epochs: int, logs: dict) -> None:
-        figures = " ".join(f"{k}={v:.4f}" for k, v in logs.items() if "acc" in k or k == "loss")
+        # not the last-batch metric: under validation it is only the last validation batch's
+        figures = " ".join(f"{k}={v:.4f}" for k, v in logs.items() if k in ("loss", "accuracy", "val_accuracy"))
         line = (
             f"trial {number} ({self._params(params)}): epoch {epoch}/{epochs} {figures} "
             f"[{time.monotonic() - self.trial_t0:.0f}s]"
