@@ -306,7 +306,8 @@ PRUNING = ("pruning_round19_seed3",
 
 # every results file, newest round first, with the function that prints its table
 RESULTS = (("ab_paths_round19", ab_paths), ("train_speed_goal_round19", train_speed),
-           ("trial_overhead_round19", trial_overhead),
+           ("trial_overhead_round19", trial_overhead), ("vs_kerastuner_round19", vs_kerastuner),
+           ("storage_round19", storage),
            ("train_speed_goal_round18", train_speed), ("trial_overhead_round18", trial_overhead),
            ("storage_round18", storage), ("step_products_round18", step_products), ("fused_rnn_round18", fused_rnn),
            ("vs_kerastuner_round18", vs_kerastuner), ("train_speed_levers_round18", train_speed),
