@@ -12,6 +12,10 @@ parent asks every side for the same epoch (same config, same seed) in turn, the 
 so the sides share the machine's load; one side's epoch runs while the others wait. Per config: each side's
 median epoch seconds, base's epoch over each side's per round and their median, and whether each side's loss,
 mean accuracy and last-batch accuracy equal base's in every round.
+
+`--search-seeds N` then runs, on each side in turn, `bench/vs_kerastuner.py`'s search with the document's start
+(TPE and the default pruner on 1,000 images, 70 epochs, a model built for most trials) for seeds 0..N-1: small
+searches, where a model's tracing weighs most against its epochs. `--rounds 0` runs only the searches.
 """
 
 from __future__ import annotations
@@ -43,6 +47,9 @@ def child(root: str, steps: int | None) -> None:
     built: dict = {}
     for line in sys.stdin:
         job = json.loads(line)
+        if job.get("search"):
+            print(REPLY + json.dumps(search(job["seed"])), flush=True)
+            continue
         key = (job["cell"], job["units"], job["batch_size"])
         n, bs = job["n"], job["batch_size"]
         if key not in built:
@@ -64,6 +71,37 @@ def child(root: str, steps: int | None) -> None:
                  "steps_per_execution": getattr(model, "steps_per_execution", 1),
                  **{k: getattr(epoch, k) for k in FIGURES}}  # fmt: skip
         print(REPLY + json.dumps(reply), flush=True)
+
+
+def search(seed: int) -> dict:
+    """bench/vs_kerastuner.py's tuner arm with the document's start, in this side's process."""
+    import tempfile
+
+    from vs_kerastuner import run_tuner  # this script's folder; tuner is already this side's
+
+    with tempfile.TemporaryDirectory() as tmp:
+        r = run_tuner(Path(tmp), seed, budget=70, epochs=9, subset=1_000, start=True)
+    return {k: r[k] for k in ("wall_s", "trials", "epochs_spent", "curve_per_epoch")}
+
+
+def searches(sides: list[Side], seeds: int) -> dict:
+    runs = {s.name: [] for s in sides}
+    for seed in range(seeds):
+        for side in sides if seed % 2 == 0 else list(reversed(sides)):
+            got = side.epoch({"search": True, "seed": seed})
+            runs[side.name].append({"seed": seed, **got})
+            print(f"  search seed {seed} {side.name:>9}: {got['wall_s']:.1f} s, {got['trials']} trials, "
+                  f"{got['epochs_spent']} epochs", flush=True)  # fmt: skip
+    base = runs[sides[0].name]
+    out = {}
+    for name, rows in runs.items():
+        ratios = [b["wall_s"] / r["wall_s"] for b, r in zip(base, rows, strict=True)]
+        out[name] = {"wall_s": [r["wall_s"] for r in rows], "speedup": statistics.median(ratios),
+                     "per_seed": ratios, "total_s": sum(r["wall_s"] for r in rows),
+                     "same_trials_as_base": all(b["curve_per_epoch"] == r["curve_per_epoch"]
+                                                for b, r in zip(base, rows, strict=True)),
+                     "runs": rows}  # fmt: skip
+    return out
 
 
 class Side:
@@ -136,7 +174,8 @@ def main() -> None:
     parser.add_argument("--base", required=True, help="the commit to compare this working tree with")
     parser.add_argument("--steps", type=int, action="append", default=[],
                         help="also a head side whose models run K train steps per call (repeatable)")  # fmt: skip
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=7, help="rounds of epochs (0: none)")
+    parser.add_argument("--search-seeds", type=int, default=0, help="also small searches, seeds 0..N-1")
     opts = parser.parse_args()
     n, rounds = (N_QUICK, 2) if opts.quick else (N_FULL, opts.rounds)
     info = benchlib.machine()  # its load average before the sides start
@@ -145,17 +184,27 @@ def main() -> None:
         sides = [Side("base", tmp, None), Side("head", str(benchlib.ROOT), None)]
         sides += [Side(f"head@{k}", str(benchlib.ROOT), k) for k in opts.steps]
         try:
-            configs = measure(sides, n=n, rounds=rounds)
+            configs = measure(sides, n=n, rounds=rounds) if rounds else []
+            found = searches(sides, opts.search_seeds) if opts.search_seeds else {}
         finally:
             for side in sides:
                 side.close()
-    print(f"\nbase {base} against this tree; epochs of {n:,} images, medians of {rounds} rounds")
-    print(f"{'config':<24}{'side':>10}{'epoch s':>10}{'base/side':>11}{'per round':>16}  same figures")
+    print(f"\nbase {base} against this tree")
+    if configs:
+        print(f"epochs of {n:,} images, medians of {rounds} rounds")
+        print(f"{'config':<24}{'side':>10}{'epoch s':>10}{'base/side':>11}{'per round':>16}  same figures")
     for entry in configs:
         for name, s in entry["sides"].items():
             print(f"{entry['config']:<24}{name:>10}{s['median_s']:>10.3f}{s['speedup']:>10.2f}x"
                   f"{min(s['per_round']):>8.2f}-{max(s['per_round']):.2f}x  {s['same_figures_as_base']}")  # fmt: skip
-    benchlib.write_json(opts.json, {"machine": info, "base": base, "rounds": rounds, "configs": configs})
+    if found:
+        print(f"\nsearches (seeds 0-{opts.search_seeds - 1}): wall seconds a search")
+        for name, f in found.items():
+            walls = ", ".join(f"{w:.1f}" for w in f["wall_s"])
+            print(f"{name:>10}: {walls}; total {f['total_s']:.1f} s; base/side {f['speedup']:.2f}x "
+                  f"(median of seeds); the same trials as base: {f['same_trials_as_base']}")  # fmt: skip
+    benchlib.write_json(opts.json, {"machine": info, "base": base, "rounds": rounds, "configs": configs,
+                                    "searches": found})  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -111,6 +111,16 @@ def ab_paths(d: dict) -> str:
             out.append(f"| {c['config']} | {name} | {s['steps_per_execution']} | {s['median_s']:.3f} "
                        f"| {s['speedup']:.2f}x | {per_round} | {s['first_call_s']:.2f} "
                        f"| {'same' if s['same_figures_as_base'] else 'DIFFERENT'} |")  # fmt: skip
+    if not d["configs"]:
+        out = [f"base {d['base']} against the tree"]
+    if d.get("searches"):
+        out += ["", "| side | wall s a search, by seed | total s | base's wall over the side's (median) | per seed "
+                "| trials as base's |", "|---|---|---:|---:|---|---|"]  # fmt: skip
+        for name, f in d["searches"].items():
+            walls = ", ".join(f"{w:.1f}" for w in f["wall_s"])
+            per_seed = ", ".join(f"{x:.2f}" for x in f["per_seed"])
+            same = "same" if f["same_trials_as_base"] else "DIFFERENT"
+            out.append(f"| {name} | {walls} | {f['total_s']:.1f} | {f['speedup']:.2f}x | {per_seed} | {same} |")
     return "\n".join(out)
 
 
@@ -305,7 +315,7 @@ PRUNING = ("pruning_round19_seed3",
 
 
 # every results file, newest round first, with the function that prints its table
-RESULTS = (("ab_paths_round19", ab_paths), ("train_speed_goal_round19", train_speed),
+RESULTS = (("ab_paths_round19", ab_paths), ("ab_search_round19", ab_paths), ("train_speed_goal_round19", train_speed),
            ("trial_overhead_round19", trial_overhead), ("vs_kerastuner_round19", vs_kerastuner),
            ("storage_round19", storage),
            ("train_speed_goal_round18", train_speed), ("trial_overhead_round18", trial_overhead),
