@@ -55,7 +55,12 @@ def child(root: str, steps: int | None) -> None:
         if key not in built:
             model = models.build_model(models.ModelConfig(cell=job["cell"], units=job["units"]), seed=0)
             if steps is not None:
-                model.steps_per_execution = steps  # read when `fit` first traces the train step
+                model.steps_per_execution = steps  # read when `fit` first traces the train step ...
+                model.make_train_function()  # ... and kept: tuner's `train` chooses only for untraced models
+            else:
+                import benchlib  # tuner is this side's already
+
+                benchlib.as_in_a_trial(model, n, bs)
             warm_n = 4 * bs + n % bs  # a few batches and the partial last one: the steps are traced here
             warm = data.Splits(full.x_train[:warm_n], full.y_train[:warm_n], None, None, None, None, full.source)
             t = time.perf_counter()

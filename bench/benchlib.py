@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -70,6 +71,16 @@ def machine() -> dict:
     info["load_average_1min"] = os.getloadavg()[0]
     info["contended"] = contended()
     return info
+
+
+def as_in_a_trial(model, n: int, batch_size: int, epochs: int = 5) -> None:
+    """Before a warm-up fit on a few batches: the steps per call that `tuner.models.train` gives a model whose
+    first trial is `epochs` epochs (the document's 5) on `n` images, not what the warm-up alone would get."""
+    from tuner import models
+
+    choose = getattr(models, "choose_steps_per_execution", None)  # tuner before the nineteenth round: none
+    if choose is not None:
+        choose(model, epochs * math.ceil(n / batch_size))
 
 
 def start_training(configs: list, selected: str) -> tuple[dict, list]:

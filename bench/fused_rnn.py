@@ -171,6 +171,7 @@ def alternating_epochs(variants: dict, *, n: int, batch_size: int, rounds: int) 
     train = data.Splits(full.x_train[:n], full.y_train[:n], None, None, None, None, full.source)
     first_s, epochs = {}, {name: [] for name in variants}
     for name, model in variants.items():
+        benchlib.as_in_a_trial(model, n, batch_size)
         t = time.perf_counter()
         models.train(model, warm, batch_size=batch_size, epochs=1, seed=0, evaluate_test=False)
         first_s[name] = time.perf_counter() - t

@@ -145,6 +145,7 @@ def measure(cell: str, units: int, batch: int, *, n: int, layer=None) -> dict:
     warm_n = 4 * batch + n % batch  # the same last partial batch: both train functions traced
     warm = data.Splits(full.x_train[:warm_n], full.y_train[:warm_n], None, None, None, None, full.source)
     model = build(cell, units, layer)
+    benchlib.as_in_a_trial(model, n, batch)
     models.train(model, warm, batch_size=batch, epochs=1, seed=0, evaluate_test=False)
     rate = benchlib.matmul_rate()["gflops"]
     epoch_s = models.train(model, splits, batch_size=batch, epochs=1, seed=1, evaluate_test=False).epochs[0].seconds

@@ -315,7 +315,7 @@ PRUNING = ("pruning_round19_seed3",
 
 
 # every results file, newest round first, with the function that prints its table
-RESULTS = (("ab_paths_round19", ab_paths), ("ab_search_round19", ab_paths), ("train_speed_goal_round19", train_speed),
+RESULTS = (("ab_paths_round19", ab_paths), ("ab_search_round19", ab_paths), ("ab_search_round19_always8", ab_paths), ("train_speed_goal_round19", train_speed),
            ("trial_overhead_round19", trial_overhead), ("vs_kerastuner_round19", vs_kerastuner),
            ("storage_round19", storage),
            ("train_speed_goal_round18", train_speed), ("trial_overhead_round18", trial_overhead),

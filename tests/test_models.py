@@ -87,6 +87,29 @@ def test_several_steps_per_call_compute_what_one_step_per_call_does():
     assert all(round(e.last_batch_accuracy * 24, 6).is_integer() for e in several.epochs)  # a count of 24
 
 
+def test_a_model_loops_over_steps_only_if_its_first_trial_is_long_enough():
+    """Tracing the loop of steps costs a new model more than it saves on short trials (models.LOOP_FROM_STEPS);
+    the choice is made before anything is traced and kept, since Keras reads it when tracing and when counting."""
+    from tuner.adversarial import make_adversarial_model
+
+    splits = data.load(subset=300)  # batches of 64: 5 steps an epoch
+    assert models.LOOP_FROM_STEPS == 400
+    model = models.build_model(models.ModelConfig(units=2), seed=0)
+    assert model.steps_per_execution == 1  # as compiled
+    models.train(model, splits, batch_size=64, epochs=2, seed=0, evaluate_test=False)  # 10 steps
+    assert model.steps_per_execution == 1
+    models.train(model, splits, batch_size=8, epochs=11, seed=0, evaluate_test=False)  # 418 steps, but traced
+    assert model.steps_per_execution == 1
+    fresh = models.build_model(models.ModelConfig(units=2), seed=0)
+    models.choose_steps_per_execution(fresh, 400)
+    assert fresh.steps_per_execution == models.STEPS_PER_EXECUTION
+    assert make_adversarial_model(fresh, 0.1).steps_per_execution == models.STEPS_PER_EXECUTION
+    other = models.build_model(models.ModelConfig(units=2), seed=0)
+    models.evaluate(other, splits.x_test[:10], splits.y_test[:10])  # its test step traced at one step a call
+    models.choose_steps_per_execution(other, 10_000)
+    assert other.steps_per_execution == 1
+
+
 def test_training_is_reproducible_and_reshuffles():
     splits = data.load(subset=600, validation=True)
 

@@ -148,7 +148,8 @@ def test_divergence_stops_the_trial_at_once():
     model = models.build_model(models.ModelConfig(units=8), seed=0)
     calls = []  # calls of the train step: 300 images in batches of 8 are 38 steps, five calls of up to 8
     count = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: calls.append(batch))
-    result = models.train(model, broken, batch_size=8, epochs=5, seed=0, stop_on_divergence=True, callbacks=[count])
+    # 12 epochs: 456 steps, enough for several steps a call (models.LOOP_FROM_STEPS)
+    result = models.train(model, broken, batch_size=8, epochs=12, seed=0, stop_on_divergence=True, callbacks=[count])
     assert result.diverged and len(result.epochs) == 1 and math.isnan(result.epochs[0].loss)
     assert calls == [models.STEPS_PER_EXECUTION - 1], "training ran on after the first call's NaN loss"
     assert result.test_accuracy is None

@@ -25,8 +25,12 @@ from tuner.data import Splits
 CELLS = ("SimpleRNN", "LSTM", "GRU")
 # Train steps run per call from Python: Keras loops over them inside one traced function, so the Python, callback
 # and executor work between steps is paid once per call. Executions end at each epoch's end (`batches`), so a
-# model computes exactly what it computes one step per call (tests/test_models.py).
+# model computes exactly what it computes one step per call (tests/test_models.py). On the nineteenth benchmark
+# machine that saved 0.8-1.4 ms a step (epochs 1.08-1.11x faster on full data), and tracing the loop cost a new
+# model 0.1-0.35 s more (its train and test steps): small searches (1,000 images, 8 steps an epoch) ran 0.80-0.90x
+# as fast. So a model takes the loop only when its first trial trains at least LOOP_FROM_STEPS steps.
 STEPS_PER_EXECUTION = 8
+LOOP_FROM_STEPS = 400
 OPTIMIZERS = ("adam", "rmsprop", "sgd", "nadam", "adamw")
 
 
@@ -120,8 +124,7 @@ def build_model(config: ModelConfig, *, seed: int, input_shape: tuple[int, int] 
         optimizer=_optimizer(config),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy", LastBatchAccuracy()],
-        steps_per_execution=STEPS_PER_EXECUTION,
-    )
+    )  # one step a call until `train` chooses (`steps_per_execution`)
     build_training_state(model, input_shape)
     return model
 
@@ -256,13 +259,15 @@ def train(
 
     `callbacks` run after the recorder, so a pruning callback sees the epoch's figures in `logs`.
     With `stop_on_divergence`, a NaN or infinite loss stops training at the end of that call of the train step
-    (at most `STEPS_PER_EXECUTION` batches on) and marks the result diverged instead of running to the last epoch.
+    (at most `STEPS_PER_EXECUTION` batches on: `choose_steps_per_execution`) and marks the result diverged
+    instead of running to the last epoch.
     Pass `result` to keep the epochs recorded so far when a callback (a pruner) stops training by raising.
     `adversarial=(eps, share)` replaces that share of every batch with FGSM examples made against the current
     weights (tuner.adversarial).
     """
     seed_everything(seed)  # the batches' order comes from `seed` in `batches`, dropout masks from the model's seeds
     result = FitResult() if result is None else result
+    choose_steps_per_execution(model, epochs * math.ceil(len(splits.y_train) / batch_size))
     made = _callback_classes()
     data = batches(splits.x_train, splits.y_train, batch_size=batch_size, epochs=epochs, seed=seed)
     watch = [made.Recorder(result, stop=stop_on_divergence)]
@@ -293,6 +298,14 @@ def train(
         result.eval_seconds = time.perf_counter() - start
         result.test_loss, result.test_accuracy = float(scores["loss"]), float(scores["accuracy"])
     return result
+
+
+def choose_steps_per_execution(model, steps: int) -> None:
+    """Give a model whose train and test steps are not traced yet `STEPS_PER_EXECUTION` steps a call if its trial
+    trains at least `LOOP_FROM_STEPS` steps, else one. Once either step is traced the choice stays: Keras reads
+    `steps_per_execution` both when tracing a step and when it counts the steps of each call."""
+    if getattr(model, "train_function", None) is None and getattr(model, "test_function", None) is None:
+        model.steps_per_execution = STEPS_PER_EXECUTION if steps >= LOOP_FROM_STEPS else 1
 
 
 def seed_everything(seed: int) -> None:
