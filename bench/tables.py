@@ -293,7 +293,7 @@ def storage(d: dict) -> str:
 # eleventh and ninth rounds' checks of the default, the eighth round's default, then the fourth and fifth rounds'
 # default (steps counted in epochs trained), the median pruner, the earlier default (Keras's 0-based epoch index as
 # the step) and its experiments
-PRUNING = ("pruning_round19_seed3",
+PRUNING = ("pruning_round19_seed3", "pruning_round19_seed3_always8",
            "pruning_round18_seed3", "pruning_round18_seed4", "pruning_round18_seed0", "pruning_round18_seed1",
            "pruning_round18_seed2",
            "pruning_round16_seed0", "pruning_round16_seed1", "pruning_round16_seed2", "pruning_round16_seed0_before",
@@ -315,8 +315,10 @@ PRUNING = ("pruning_round19_seed3",
 
 
 # every results file, newest round first, with the function that prints its table
-RESULTS = (("ab_paths_round19", ab_paths), ("ab_search_round19", ab_paths), ("ab_search_round19_always8", ab_paths), ("train_speed_goal_round19", train_speed),
-           ("trial_overhead_round19", trial_overhead), ("vs_kerastuner_round19", vs_kerastuner),
+RESULTS = (("ab_paths_round19", ab_paths), ("ab_search_round19", ab_paths),
+           ("ab_search_round19_always8", ab_paths), ("train_speed_goal_round19", train_speed),
+           ("trial_overhead_round19", trial_overhead), ("trial_overhead_round19_always8", trial_overhead),
+           ("vs_kerastuner_round19", vs_kerastuner),
            ("storage_round19", storage),
            ("train_speed_goal_round18", train_speed), ("trial_overhead_round18", trial_overhead),
            ("storage_round18", storage), ("step_products_round18", step_products), ("fused_rnn_round18", fused_rnn),
