@@ -316,7 +316,8 @@ PRUNING = ("pruning_round19_seed3", "pruning_round19_seed3_always8",
 
 # every results file, newest round first, with the function that prints its table
 RESULTS = (("ab_paths_round19", ab_paths), ("ab_search_round19", ab_paths),
-           ("ab_search_round19_always8", ab_paths), ("train_speed_goal_round19", train_speed),
+           ("ab_search_round19_439f0bb", ab_paths), ("ab_search_round19_always8", ab_paths),
+           ("train_speed_goal_round19", train_speed),
            ("trial_overhead_round19", trial_overhead), ("trial_overhead_round19_always8", trial_overhead),
            ("vs_kerastuner_round19", vs_kerastuner),
            ("storage_round19", storage),

@@ -118,12 +118,12 @@ def build_model(config: ModelConfig, *, seed: int, input_shape: tuple[int, int] 
     for i in range(config.layers):
         model.add(layer_cls(config.units, return_sequences=i < config.layers - 1, dropout=config.dropout))
     model.add(keras.layers.Dense(n_classes, activation="softmax"))
-    from tuner.metrics import LastBatchAccuracy
+    from tuner.metrics import LastBatchCorrect
 
     model.compile(
         optimizer=_optimizer(config),
         loss="sparse_categorical_crossentropy",
-        metrics=["accuracy", LastBatchAccuracy()],
+        metrics=["accuracy", LastBatchCorrect()],
     )  # one step a call until `train` chooses (`steps_per_execution`)
     build_training_state(model, input_shape)
     return model
@@ -270,7 +270,8 @@ def train(
     choose_steps_per_execution(model, epochs * math.ceil(len(splits.y_train) / batch_size))
     made = _callback_classes()
     data = batches(splits.x_train, splits.y_train, batch_size=batch_size, epochs=epochs, seed=seed)
-    watch = [made.Recorder(result, stop=stop_on_divergence)]
+    last_size = len(splits.y_train) - (math.ceil(len(splits.y_train) / batch_size) - 1) * batch_size
+    watch = [made.Recorder(result, stop=stop_on_divergence, last_size=last_size)]
     if stop_on_divergence:
         watch.append(made.StopOnDivergence(result))
     validation = None if splits.x_val is None else eval_batches(splits.x_val, splits.y_val)
@@ -505,9 +506,9 @@ def _callback_classes():
         """Records each epoch: both train figures, validation figures, wall time; flags divergence. It has no
         batch hook, so Keras hands it nothing until the epoch ends."""
 
-        def __init__(self, result: FitResult, *, stop: bool) -> None:
+        def __init__(self, result: FitResult, *, stop: bool, last_size: int = 0) -> None:
             super().__init__()
-            self.result, self.stop = result, stop
+            self.result, self.stop, self.last_size = result, stop, last_size  # the size of an epoch's last batch
 
         def on_epoch_begin(self, epoch, logs=None):
             self.t0 = time.perf_counter()
@@ -519,7 +520,7 @@ def _callback_classes():
                     epoch=epoch + 1,
                     loss=figures.get("loss", float("nan")),
                     accuracy=figures.get("accuracy", float("nan")),
-                    last_batch_accuracy=figures.get("last_batch_accuracy", float("nan")),
+                    last_batch_accuracy=self._last_batch_accuracy(figures.get("last_batch_correct")),
                     seconds=time.perf_counter() - self.t0,
                     val_loss=figures.get("val_loss"),
                     val_accuracy=figures.get("val_accuracy"),
@@ -528,6 +529,11 @@ def _callback_classes():
             if self.stop and not math.isfinite(figures.get("loss", 0.0)):
                 self.result.diverged = True
                 self.model.stop_training = True
+
+        def _last_batch_accuracy(self, correct: float | None) -> float:
+            if correct is None or not self.last_size or not math.isfinite(correct):
+                return float("nan")
+            return round(correct) / self.last_size
 
     class StopOnDivergence(keras.callbacks.Callback):
         """Stops training once the loss is NaN or infinite, checked after every call of the train step. (Keras's
