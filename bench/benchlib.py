@@ -81,6 +81,7 @@ def as_in_a_trial(model, n: int, batch_size: int, epochs: int = 5) -> None:
     choose = getattr(models, "choose_steps_per_execution", None)  # tuner before the nineteenth round: none
     if choose is not None:
         choose(model, epochs * math.ceil(n / batch_size))
+        model.make_train_function()  # made, not traced: `train` now keeps the choice through the warm-up
 
 
 def start_training(configs: list, selected: str) -> tuple[dict, list]:

@@ -110,6 +110,22 @@ def test_a_model_loops_over_steps_only_if_its_first_trial_is_long_enough():
     assert other.steps_per_execution == 1
 
 
+def test_a_benchmarks_warm_up_keeps_the_steps_a_call_of_the_trial_it_stands_for():
+    import sys
+    from pathlib import Path
+
+    bench = str(Path(__file__).resolve().parents[1] / "bench")
+    sys.path.insert(0, bench)
+    try:
+        import benchlib
+    finally:
+        sys.path.remove(bench)
+    model = models.build_model(models.ModelConfig(units=2), seed=0)
+    benchlib.as_in_a_trial(model, 60_000, 256)  # 5 epochs of 235 steps
+    models.train(model, data.load(subset=300), batch_size=64, epochs=1, seed=0, evaluate_test=False)  # 5 steps
+    assert model.steps_per_execution == models.STEPS_PER_EXECUTION
+
+
 def test_training_is_reproducible_and_reshuffles():
     splits = data.load(subset=600, validation=True)
 
