@@ -11,8 +11,9 @@ class LastBatchCorrect(keras.metrics.Metric):
     `tuner.models.train` takes the document's SimpleRNN figure (that count over the batch's size). Keras's
     `accuracy` is the epoch's running mean, and with several steps run a call (`steps_per_execution`) callbacks
     see it only after each call, so the last batch's own count has to come from the graph. One sum and one
-    assignment a step: with the count and the size in float64 and the division in the graph, small searches
-    ran 4% slower than without the metric (its ops are traced into every new model's train and test steps).
+    assignment a step. Its ops are traced into every new model's train and test steps: small searches ran 4%
+    slower with a first version (count and size in float64, divided in the graph) than without any metric, and
+    this one measured no faster (BENCHMARKS.md, the nineteenth round).
     """
 
     def __init__(self, name: str = "last_batch_correct", dtype: str = "float32") -> None:

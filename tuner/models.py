@@ -26,7 +26,7 @@ CELLS = ("SimpleRNN", "LSTM", "GRU")
 # Train steps run per call from Python: Keras loops over them inside one traced function, so the Python, callback
 # and executor work between steps is paid once per call. Executions end at each epoch's end (`batches`), so a
 # model computes exactly what it computes one step per call (tests/test_models.py). On the nineteenth benchmark
-# machine that saved 0.8-1.4 ms a step (epochs 1.08-1.11x faster on full data), and tracing the loop cost a new
+# machine that saved 0.4-1.4 ms a step (epochs 1.06-1.11x faster on full data), and tracing the loop cost a new
 # model 0.1-0.35 s more (its train and test steps): small searches (1,000 images, 8 steps an epoch) ran 0.80-0.90x
 # as fast. So a model takes the loop only when its first trial trains at least LOOP_FROM_STEPS steps.
 STEPS_PER_EXECUTION = 8
