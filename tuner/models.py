@@ -267,11 +267,12 @@ def train(
     """
     seed_everything(seed)  # the batches' order comes from `seed` in `batches`, dropout masks from the model's seeds
     result = FitResult() if result is None else result
-    choose_steps_per_execution(model, epochs * math.ceil(len(splits.y_train) / batch_size))
+    n_train = len(splits.y_train)
+    steps = math.ceil(n_train / batch_size)  # an epoch's, the last batch partial
+    choose_steps_per_execution(model, epochs * steps)
     made = _callback_classes()
     data = batches(splits.x_train, splits.y_train, batch_size=batch_size, epochs=epochs, seed=seed)
-    last_size = len(splits.y_train) - (math.ceil(len(splits.y_train) / batch_size) - 1) * batch_size
-    watch = [made.Recorder(result, stop=stop_on_divergence, last_size=last_size)]
+    watch = [made.Recorder(result, stop=stop_on_divergence, last_size=n_train - (steps - 1) * batch_size)]
     if stop_on_divergence:
         watch.append(made.StopOnDivergence(result))
     validation = None if splits.x_val is None else eval_batches(splits.x_val, splits.y_val)
