@@ -46,11 +46,16 @@ LEVERS: dict[str, dict] = {
     "spe8": {"spe": 8},
     "intra2-inter1": {"threads": [2, 1]},
     "onednn-off": {"env": {"TF_ENABLE_ONEDNN_OPTS": "0"}},
+    "shipped-onednn-off": {"shipped": True, "env": {"TF_ENABLE_ONEDNN_OPTS": "0"}},
     "tf-tensors": {"tensors": True},  # a per-fit lever (no copy of the arrays per trial): shows in fit_s, not epoch_s
     "fused-lstm": {"fused": True},  # LSTM only: TensorFlow's fused whole-sequence kernel (see fused_lstm_layer)
     # Keras's mixed precision: bfloat16 products (AMX or AVX-512 BF16 where the CPU has them), float32 weights and
     # softmax. Not the same arithmetic as the floor's float32 products: its loss and accuracy show what it changes.
     "mixed-bf16": {"policy": "mixed_bfloat16"},
+    # oneDNN's floating-point math mode: float32 weights and activations, products computed in bfloat16 (AMX or
+    # AVX-512 BF16) where oneDNN runs them. Likewise not the floor's arithmetic: the loss shows the difference.
+    "fpmath-bf16": {"env": {"ONEDNN_DEFAULT_FPMATH_MODE": "BF16"}},
+    "shipped-fpmath-bf16": {"shipped": True, "env": {"ONEDNN_DEFAULT_FPMATH_MODE": "BF16"}},
 }
 ONLY = {"fused-lstm": "LSTM"}  # levers that apply to one cell
 QUICK_LEVERS = ["original", "shipped"]
@@ -139,6 +144,7 @@ def child(job: dict) -> dict:
         "steps_per_execution": model.steps_per_execution,
         "threads": [_threads("intra"), _threads("inter")],
         "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "unset"),
+        "fpmath": os.environ.get("ONEDNN_DEFAULT_FPMATH_MODE", "unset"),
         "contended": benchlib.contended(),
         "load_average_1min": os.getloadavg()[0],
     }
