@@ -315,7 +315,11 @@ PRUNING = ("pruning_round19_seed3", "pruning_round19_seed3_always8",
 
 
 # every results file, newest round first, with the function that prints its table
-RESULTS = (("ab_paths_round19", ab_paths), ("ab_search_round19", ab_paths),
+RESULTS = (("train_speed_goal_round20", train_speed), ("trial_overhead_round20", trial_overhead),
+           ("storage_round20", storage), ("train_speed_onednn_round20", train_speed),
+           ("fused_rnn_lstm_round20", fused_rnn), ("step_profile_lstm_round20", step_profile),
+           ("ab_paths_round20", ab_paths), ("ab_paths_round20_lstm", ab_paths),
+           ("ab_paths_round19", ab_paths), ("ab_search_round19", ab_paths),
            ("ab_search_round19_439f0bb", ab_paths), ("ab_search_round19_always8", ab_paths),
            ("train_speed_goal_round19", train_speed), ("ab_paths_round19b", ab_paths),
            ("train_speed_goal_round19_f64metric", train_speed),
