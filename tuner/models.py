@@ -108,11 +108,11 @@ def build_model(config: ModelConfig, *, seed: int, input_shape: tuple[int, int] 
     from tuner import recurrent
 
     seed_everything(seed)
-    # SimpleRNN and GRU train with tuner.recurrent's layers: Keras's, with a hand-written gradient of the recurrence
-    # (the same weights and function; on the five latest benchmark machines GRU epochs 1.16-1.27x faster, SimpleRNN's
-    # 0.86-1.11x the speed of Keras's unrolled layer with its train step traced 0.3-1.2 s faster).
-    # LSTM keeps Keras's layer, which that treatment made no faster (BENCHMARKS.md, section 1).
-    layer_cls = getattr(recurrent, config.cell, None) or getattr(keras.layers, config.cell)
+    # Every cell trains with tuner.recurrent's layer: Keras's, with a hand-written gradient of the recurrence (the
+    # same weights and function; on the benchmark machines GRU epochs 1.16-1.27x faster, SimpleRNN's 0.86-1.11x the
+    # speed of Keras's unrolled layer with its train step traced 0.3-1.2 s faster; LSTM since the twentieth round,
+    # BENCHMARKS.md section 1).
+    layer_cls = getattr(recurrent, config.cell)
     model = keras.Sequential(name=f"{config.cell.lower()}_{config.units}")
     model.add(keras.Input(shape=input_shape))
     for i in range(config.layers):
