@@ -304,10 +304,18 @@ def train(
 
 def choose_steps_per_execution(model, steps: int) -> None:
     """Give a model whose train and test steps are not traced yet `STEPS_PER_EXECUTION` steps a call if its trial
-    trains at least `LOOP_FROM_STEPS` steps, else one. Once either step is traced the choice stays: Keras reads
-    `steps_per_execution` both when tracing a step and when it counts the steps of each call."""
+    trains at least `LOOP_FROM_STEPS` steps, else one; such a model's LSTM layers also train with the fused
+    recurrence (tuner.recurrent.LSTM), which likewise costs tracing time that only long trials repay. Once either
+    step is traced the choice stays: Keras reads `steps_per_execution` both when tracing a step and when it counts
+    the steps of each call."""
+    from tuner import recurrent
+
     if getattr(model, "train_function", None) is None and getattr(model, "test_function", None) is None:
-        model.steps_per_execution = STEPS_PER_EXECUTION if steps >= LOOP_FROM_STEPS else 1
+        loop = steps >= LOOP_FROM_STEPS
+        model.steps_per_execution = STEPS_PER_EXECUTION if loop else 1
+        for layer in model.layers:
+            if isinstance(layer, recurrent.LSTM):
+                layer.fused = loop
 
 
 def seed_everything(seed: int) -> None:

@@ -227,6 +227,7 @@ class _Fused:
     """What the three layers share: the choice of path, and the input dropout as Keras's cell applies it."""
 
     _zero_start = False
+    fused = True  # training runs the fused recurrence where `_covered`; LSTM's layer only once chosen (below)
 
     def call(self, sequences, initial_state=None, mask=None, training=False):
         self._zero_start = initial_state is None  # the fused recurrences start from zero states
@@ -235,7 +236,7 @@ class _Fused:
     def inner_loop(self, sequences, initial_state, mask, training=False):
         # Inference (evaluation, prediction, attacks) keeps Keras's loop: a rolled loop traces faster, and in batches
         # of 2,048 images a step's ops are large enough that fewer of them gain nothing.
-        if not (training and _covered(self, mask)):
+        if not (training and self.fused and _covered(self, mask)):
             return super().inner_loop(sequences, initial_state, mask, training)
         if self.cell.dropout:
             mask = self.cell.get_dropout_mask(sequences[:, 0, :])  # the cell's own mask, drawn by RNN.call
@@ -270,6 +271,11 @@ class GRU(_Fused, keras.layers.GRU):
 @keras.saving.register_keras_serializable(package="tuner")
 class LSTM(_Fused, keras.layers.LSTM):
     __doc__ = keras.layers.LSTM.__doc__
+
+    # Keras's loop until `tuner.models.choose_steps_per_execution` turns the fused recurrence on, for a model whose
+    # trials are long enough to loop over steps: its train step traces 0.2-0.4 s longer than Keras's, which small
+    # searches would pay for on every new model (BENCHMARKS.md, the twentieth round).
+    fused = False
 
     def _recurrence(self, x, cell):
         bias = cell.bias if cell.use_bias else tf.zeros((4 * cell.units,), cell.kernel.dtype)
