@@ -10,10 +10,11 @@ makes three more products (the state's gradient and both weight gradients), each
   the weights' gradients (recurrent kernel, input kernel, biases) is a product or sum off that chain, which
   TensorFlow runs beside it; the sequences' gradient, when something needs it, is one product after it.
 
-LSTM joined in the twentieth round (BENCHMARKS.md): on earlier machines this treatment of it trained no faster
-(0.90-1.05x an epoch on the seventh, 1.01x on the eighteenth) and traced its train step 0.3-0.4 s longer; on the
-twentieth (an Intel Xeon with AMX), where Keras's 28 per-step input products of LSTM-100 (128 x 28 by 28 x 400)
-took a fifth of a step's op time (`bench/step_profile.py`), LSTM-100/128 trained ALTERNATING_FIGURE.
+LSTM joined in the twentieth round (BENCHMARKS.md), for models whose trials loop over steps (`LSTM.fused`): on
+earlier machines this treatment of it trained no faster (0.90-1.05x an epoch on the seventh, 1.01x on the
+eighteenth) and traced its train step 0.3-0.4 s longer; on the twentieth (an Intel Xeon with AMX), where Keras's
+28 per-step input products of LSTM-100 (128 x 28 by 28 x 400) took a fifth of a step's op time
+(`bench/step_profile.py`), full-data LSTM-100/128 epochs trained 1.10x and 1.16x faster in two alternating runs.
 
 The layers are subclasses that differ from Keras's only in `inner_loop`, and only in training: the same weights,
 initial values, dropout masks (the cell's own, drawn as Keras draws them) and serialisation, the same function
@@ -273,8 +274,8 @@ class LSTM(_Fused, keras.layers.LSTM):
     __doc__ = keras.layers.LSTM.__doc__
 
     # Keras's loop until `tuner.models.choose_steps_per_execution` turns the fused recurrence on, for a model whose
-    # trials are long enough to loop over steps: its train step traces 0.2-0.4 s longer than Keras's, which small
-    # searches would pay for on every new model (BENCHMARKS.md, the twentieth round).
+    # trials are long enough to loop over steps: its train step traces 0.2-0.5 s longer than Keras's, and with it
+    # on in every model, small searches (1,000 images) ran 0.96x as fast (BENCHMARKS.md, the twentieth round).
     fused = False
 
     def _recurrence(self, x, cell):
