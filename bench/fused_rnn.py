@@ -1,12 +1,12 @@
-"""tuner's SimpleRNN and GRU layers (tuner.recurrent) against Keras's own, epochs alternating in one process;
-for LSTM, which tuner trains with Keras's layer, the same treatment as a lever.
+"""tuner's SimpleRNN, GRU and LSTM layers (tuner.recurrent) against Keras's own, epochs alternating in one
+process.
 
     python bench/fused_rnn.py --json bench/results/fused_rnn.json    # about 15 minutes on 2 cores
     python bench/fused_rnn.py --quick
 
-For SimpleRNN-128 at batch 256 and GRU-128 at batch 128 (two of bench/train_speed.py's goal configurations):
+For bench/train_speed.py's goal configurations (SimpleRNN-128 at batch 256, LSTM-100 and GRU-128 at batch 128):
 models built by `tuner.models.build_model` from the same seed, one with tuner's layers (as shipped), one with
-Keras's (as tuner built them before: SimpleRNN unrolled, GRU in Keras's `while_loop`), and for SimpleRNN one
+Keras's (as tuner built them before: SimpleRNN unrolled, LSTM and GRU in Keras's `while_loop`), and for SimpleRNN one
 with Keras's rolled loop, one with the recurrence run by numpy (`numpy_simple_rnn`) and one without the
 recurrence's dependence between steps (`recurrence_bound.chainless_layer`, a bound), trained by
 `tuner.models.train` in turns, one epoch each per round, so that the machine's drift (10-50% between runs on
@@ -15,9 +15,8 @@ batches), the median epoch and its ratio to goal 1's floor, the per-round speed-
 accuracy: all but the bound compute the same function from the same weights and batches, so their figures
 should agree to float rounding.
 
-For LSTM-100 at batch 128 (the third goal configuration), tuner's model is Keras's layer, measured twice (as
-`keras` and `tuner`: their ratio is the run's noise), against `stepwise_lstm` (`stepwise`), tuner.recurrent's
-treatment written for LSTM: not shipped, a lever measured.
+Until the twentieth round tuner trained LSTM with Keras's layer, and this script measured tuner.recurrent's
+treatment of it as a lever (`stepwise`: the `stepwise_*` figures of the files up to `fused_rnn_lstm_round20`).
 """
 
 from __future__ import annotations
@@ -103,62 +102,6 @@ def numpy_simple_rnn():
     return last_state_layer("SimpleRNN", run)
 
 
-def stepwise_lstm():
-    """Keras's LSTM (gates i, f, c, o) trained as tuner.recurrent trains SimpleRNN and GRU: the input products of
-    all steps as one, one `tf.custom_gradient` whose backward chain holds only what depends on the previous step,
-    each step's share of the weights' gradients beside it. Inference runs Keras's loop. tests/test_recurrent.py
-    compares it with Keras's layer; tuner.recurrent gives the reasons it is not shipped."""
-    import keras
-    import tensorflow as tf
-
-    from tuner import recurrent as r
-
-    def lstm(x, kernel, bias, recurrent_kernel, sequences: bool):
-        @tf.custom_gradient
-        def run(x, kernel, bias, recurrent_kernel):
-            xs, xw = r._inputs(x, kernel, bias)
-            hs, cs, saved = [], [], []
-            for step in xw:
-                z = step if not hs else step + tf.matmul(hs[-1], recurrent_kernel)
-                zi, zf, zg, zo = tf.split(z, 4, axis=1)
-                i, f, g, o = tf.sigmoid(zi), tf.sigmoid(zf), tf.tanh(zg), tf.sigmoid(zo)
-                c = i * g if not cs else f * cs[-1] + i * g
-                tc = tf.tanh(c)
-                hs.append(o * tc)
-                cs.append(c)
-                saved.append((i, f, g, o, tc))
-            out = tf.stack(hs) if sequences else hs[-1]
-
-            def grad(dy, dcarry):
-                dys = r._step_gradients(dy, len(hs), sequences)
-                dz, drecurrent = [None] * len(hs), []
-                dh, dc = None, dcarry
-                for t in reversed(range(len(hs))):
-                    i, f, g, o, tc = saved[t]
-                    dh = r._add(dh, dys[t])
-                    dc = r._add(dc, tf.raw_ops.TanhGrad(y=tc, dy=dh * o))
-                    df = tf.raw_ops.SigmoidGrad(y=f, dy=dc * cs[t - 1]) if t else tf.zeros_like(f)
-                    dz[t] = tf.concat([tf.raw_ops.SigmoidGrad(y=i, dy=dc * g), df, tf.raw_ops.TanhGrad(y=g, dy=dc * i),
-                                       tf.raw_ops.SigmoidGrad(y=o, dy=dh * tc)], 1)  # fmt: skip
-                    if t:
-                        dh = tf.matmul(dz[t], recurrent_kernel, transpose_b=True)
-                        dc = dc * f
-                        drecurrent.append(r._kernel_gradient(hs[t - 1], dz[t]))
-                return (*r._input_gradients(xs, dz, kernel, bias), r._sum(drecurrent, recurrent_kernel))
-
-            return (out, cs[-1]), grad
-
-        return run(x, *r._weights(kernel, bias, recurrent_kernel))
-
-    class LSTM(r._Fused, keras.layers.LSTM):
-        def _recurrence(self, x, cell):
-            bias = cell.bias if cell.use_bias else tf.zeros((4 * cell.units,), cell.kernel.dtype)
-            out, carry = lstm(x, cell.kernel, bias, cell.recurrent_kernel, self.return_sequences)
-            return out, [carry]
-
-    return LSTM
-
-
 def alternating_epochs(variants: dict, *, n: int, batch_size: int, rounds: int) -> tuple[dict, dict]:
     """Each model's first call (a warm-up fit on a few batches and the partial last one: tracing), then `rounds`
     rounds of one epoch on the first `n` training images per model, in turns, the order reversed every other
@@ -190,8 +133,6 @@ def measure(cell: str, units: int, batch_size: int, *, n: int, rounds: int) -> d
     rate = benchlib.matmul_rate()["gflops"]
     variants = {name: build(cell, units, layer) for name, layer in keras_variants(cell).items()}
     variants["tuner"] = build(cell, units)
-    if cell == "LSTM":
-        variants["stepwise"] = build(cell, units, stepwise_lstm())
     if cell == "SimpleRNN":
         variants["numpy"] = build(cell, units, numpy_simple_rnn())
         variants["no_chain"] = build(cell, units, chainless_layer(cell))
@@ -212,14 +153,6 @@ def measure(cell: str, units: int, batch_size: int, *, n: int, rounds: int) -> d
         "speedup_median": median["keras"] / median["tuner"],
         "speedup_per_round": ratios,
         "speedup_vs_rolled": median["keras_rolled"] / median["tuner"] if "keras_rolled" in median else None,
-        "stepwise_speedup": median["tuner"] / median["stepwise"] if "stepwise" in median else None,
-        "stepwise_per_round": [
-            t["seconds"] / s["seconds"] for t, s in zip(epochs["tuner"], epochs.get("stepwise", []))
-        ],
-        "stepwise_max_loss_difference": max(
-            (abs(s["loss"] - t["loss"]) for s, t in zip(epochs.get("stepwise", []), epochs["tuner"], strict=False)),
-            default=None,
-        ),
         "max_loss_difference": max(
             abs(k["loss"] - t["loss"]) for k, t in zip(epochs["keras"], epochs["tuner"], strict=True)
         ),
@@ -259,20 +192,11 @@ def main() -> None:
                      f"dependent products (a bound) {bound:.2f} s; against the floor ({row['floor_s']:.2f} s): "
                      f"tuner's {ratio['tuner']:.2f}x, numpy's {ratio['numpy']:.2f}x, without the dependent products "
                      f"{ratio['no_chain']:.2f}x; ")  # fmt: skip
-        stepwise = ""
-        if row["stepwise_speedup"] is not None:
-            epoch, first = row["median_epoch_s"]["stepwise"], row["first_call_s"]["stepwise"]
-            per = " ".join(f"{r:.2f}" for r in row["stepwise_per_round"])
-            stepwise = (
-                f"the stepwise lever {epoch:.2f} s ({row['stepwise_speedup']:.2f}x tuner's speed; per round "
-                f"{per}), first call {first:.2f} s, loss within {row['stepwise_max_loss_difference']:.1e}; "
-            )
-        same = " (the same layer twice: the run's noise)" if cell == "LSTM" else ""
         print(f"{row['config']:24} n {args.n}: Keras's layers {row['median_epoch_s']['keras']:6.2f} s an epoch, "
               f"tuner's {row['median_epoch_s']['tuner']:6.2f} s (median of {args.rounds}): "
-              f"{row['speedup_median']:.2f}x faster{same} (per round {per_round}); first call "
+              f"{row['speedup_median']:.2f}x faster (per round {per_round}); first call "
               f"{row['first_call_s']['keras']:.2f} s against {row['first_call_s']['tuner']:.2f} s; "
-              f"{rolled}{numpy}{stepwise}"
+              f"{rolled}{numpy}"
               f"largest loss difference {row['max_loss_difference']:.1e}", flush=True)  # fmt: skip
         benchlib.write_json(args.json, {"machine": machine, "rows": rows})
 

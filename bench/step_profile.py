@@ -19,7 +19,8 @@ From the profile's own events (its XSpace, read with the protobuf TensorFlow shi
   groups (`GROUPS`), and the ops that took longest, by name, a step.
 
 The profiler slows the epoch (`profiled_epoch_s` beside `epoch_s`): read the shares, not the seconds.
-`--lstm-lever` also profiles LSTM with `fused_rnn.stepwise_lstm` (a lever, not shipped) in place of Keras's layer.
+`--keras-lstm` also profiles LSTM with Keras's layer, which tuner trained LSTM with until the twentieth round (the
+files up to `step_profile_lstm_round20` profiled that as shipped; their "(stepwise lever)" rows, tuner's layer).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import tempfile
 import time
 
 import benchlib
-from fused_rnn import build, stepwise_lstm
+from fused_rnn import build
 from train_speed import CONFIGS, N_FULL, N_QUICK, flops_per_sample
 
 MATMUL = ("MatMul", "_MklMatMul", "_MklNativeMatMul", "_MklNativeFusedMatMul", "_MklFusedMatMul", "BatchMatMulV2",
@@ -159,7 +160,7 @@ def measure(cell: str, units: int, batch: int, *, n: int, layer=None) -> dict:
         figures = read_profile(glob.glob(f"{logdir}/plugins/profile/*/*.xplane.pb")[0])
     floor = flops_per_sample(cell, units) * n / (max(rate, benchlib.matmul_rate()["gflops"]) * 1e9)
     return {
-        "config": f"{cell}-{units} batch {batch}" + (" (stepwise lever)" if layer is not None else ""),
+        "config": f"{cell}-{units} batch {batch}" + (" (Keras's layer)" if layer is not None else ""),
         "n_train": n,
         "epoch_s": epoch_s,
         "floor_s": floor,
@@ -199,12 +200,14 @@ def main() -> None:
     p = benchlib.parser(__doc__.split("\n\n")[0])
     p.add_argument("--configs", default="SimpleRNN,LSTM,GRU", help="cells to measure")
     p.add_argument("--n", type=int, default=N_FULL, help=f"training images an epoch ({N_FULL})")
-    p.add_argument("--lstm-lever", action="store_true", help="LSTM with fused_rnn.stepwise_lstm too")
+    p.add_argument("--keras-lstm", action="store_true", help="LSTM with Keras's layer too")
     args = p.parse_args()
     machine, configs = benchlib.start_training(CONFIGS, args.configs)
     jobs = [(c, None) for c in configs]
-    if args.lstm_lever:
-        jobs += [(c, stepwise_lstm()) for c in configs if c[0] == "LSTM"]
+    if args.keras_lstm:
+        import keras
+
+        jobs += [(c, keras.layers.LSTM) for c in configs if c[0] == "LSTM"]
     rows = []
     for (cell, units, batch), layer in jobs:
         t = time.perf_counter()

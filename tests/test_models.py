@@ -110,6 +110,23 @@ def test_a_model_loops_over_steps_only_if_its_first_trial_is_long_enough():
     assert other.steps_per_execution == 1
 
 
+def test_lstm_trains_with_the_fused_recurrence_only_in_models_that_loop_over_steps(monkeypatch):
+    """Its longer tracing is repaid only by long trials: the same choice as the steps a call."""
+    from tuner import recurrent
+
+    ran = []
+    monkeypatch.setattr(recurrent, "_lstm", lambda *args, _lstm=recurrent._lstm: ran.append(1) or _lstm(*args))
+    splits = data.load(subset=300)
+    short = models.build_model(models.ModelConfig(cell="LSTM", units=2, layers=2), seed=0)
+    assert [type(layer) for layer in short.layers[:2]] == [recurrent.LSTM, recurrent.LSTM]
+    models.train(short, splits, batch_size=64, epochs=2, seed=0, evaluate_test=False)  # 10 steps: Keras's loop
+    assert ran == [] and not any(layer.fused for layer in short.layers[:2])
+    long = models.build_model(models.ModelConfig(cell="LSTM", units=2, layers=2), seed=0)
+    models.train(long, splits, batch_size=8, epochs=11, seed=0, evaluate_test=False)  # 418 steps
+    assert long.steps_per_execution == models.STEPS_PER_EXECUTION
+    assert ran == [1, 1] and all(layer.fused for layer in long.layers[:2])  # one train step traced, two layers
+
+
 def test_a_benchmarks_warm_up_keeps_the_steps_a_call_of_the_trial_it_stands_for():
     import sys
     from pathlib import Path

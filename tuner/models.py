@@ -108,11 +108,11 @@ def build_model(config: ModelConfig, *, seed: int, input_shape: tuple[int, int] 
     from tuner import recurrent
 
     seed_everything(seed)
-    # SimpleRNN and GRU train with tuner.recurrent's layers: Keras's, with a hand-written gradient of the recurrence
-    # (the same weights and function; on the five latest benchmark machines GRU epochs 1.16-1.27x faster, SimpleRNN's
-    # 0.86-1.11x the speed of Keras's unrolled layer with its train step traced 0.3-1.2 s faster).
-    # LSTM keeps Keras's layer, which that treatment made no faster (BENCHMARKS.md, section 1).
-    layer_cls = getattr(recurrent, config.cell, None) or getattr(keras.layers, config.cell)
+    # Every cell trains with tuner.recurrent's layer: Keras's, with a hand-written gradient of the recurrence (the
+    # same weights and function; on the benchmark machines GRU epochs 1.16-1.27x faster, SimpleRNN's 0.86-1.11x the
+    # speed of Keras's unrolled layer with its train step traced 0.3-1.2 s faster; LSTM since the twentieth round,
+    # BENCHMARKS.md section 1).
+    layer_cls = getattr(recurrent, config.cell)
     model = keras.Sequential(name=f"{config.cell.lower()}_{config.units}")
     model.add(keras.Input(shape=input_shape))
     for i in range(config.layers):
@@ -304,10 +304,18 @@ def train(
 
 def choose_steps_per_execution(model, steps: int) -> None:
     """Give a model whose train and test steps are not traced yet `STEPS_PER_EXECUTION` steps a call if its trial
-    trains at least `LOOP_FROM_STEPS` steps, else one. Once either step is traced the choice stays: Keras reads
-    `steps_per_execution` both when tracing a step and when it counts the steps of each call."""
+    trains at least `LOOP_FROM_STEPS` steps, else one; such a model's LSTM layers also train with the fused
+    recurrence (tuner.recurrent.LSTM), which likewise costs tracing time that only long trials repay. Once either
+    step is traced the choice stays: Keras reads `steps_per_execution` both when tracing a step and when it counts
+    the steps of each call."""
+    from tuner import recurrent
+
     if getattr(model, "train_function", None) is None and getattr(model, "test_function", None) is None:
-        model.steps_per_execution = STEPS_PER_EXECUTION if steps >= LOOP_FROM_STEPS else 1
+        loop = steps >= LOOP_FROM_STEPS
+        model.steps_per_execution = STEPS_PER_EXECUTION if loop else 1
+        for layer in model.layers:
+            if isinstance(layer, recurrent.LSTM):
+                layer.fused = loop
 
 
 def seed_everything(seed: int) -> None:

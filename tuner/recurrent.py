@@ -1,4 +1,4 @@
-"""Keras's SimpleRNN and GRU with the 28-step recurrence run as fewer TensorFlow ops in training.
+"""Keras's SimpleRNN, GRU and LSTM with the 28-step recurrence run as fewer TensorFlow ops in training.
 
 Keras on TensorFlow runs a recurrent layer step by step (a `while_loop`, or unrolled), and TensorFlow's
 automatic gradient mirrors that: every step multiplies its input by the input kernel, and backward every step
@@ -10,10 +10,11 @@ makes three more products (the state's gradient and both weight gradients), each
   the weights' gradients (recurrent kernel, input kernel, biases) is a product or sum off that chain, which
   TensorFlow runs beside it; the sequences' gradient, when something needs it, is one product after it.
 
-LSTM is not here: the same treatment of Keras's LSTM (measured at commit 24756ee, BENCHMARKS.md section 1) trained
-no faster (0.90-1.05x an epoch on the seventh benchmark machine, 1.00x with step-by-step weight gradients on
-the eighth) and traced its train step 0.3-0.4 s longer; written as these layers are now (`stepwise_lstm` in
-bench/fused_rnn.py), 1.01x on the eighteenth, its train step traced 0.36 s longer.
+LSTM joined in the twentieth round (BENCHMARKS.md), for models whose trials loop over steps (`LSTM.fused`): on
+earlier machines this treatment of it trained no faster (0.90-1.05x an epoch on the seventh, 1.01x on the
+eighteenth) and traced its train step 0.3-0.4 s longer; on the twentieth (an Intel Xeon with AMX), where Keras's
+28 per-step input products of LSTM-100 (128 x 28 by 28 x 400) took a fifth of a step's op time
+(`bench/step_profile.py`), full-data LSTM-100/128 epochs trained 1.10x and 1.16x faster in two alternating runs.
 
 The layers are subclasses that differ from Keras's only in `inner_loop`, and only in training: the same weights,
 initial values, dropout masks (the cell's own, drawn as Keras draws them) and serialisation, the same function
@@ -166,6 +167,47 @@ def _gru(x, kernel, bias, recurrent_kernel, recurrent_bias, sequences: bool):
     return run(x, *_weights(kernel, bias, recurrent_kernel, recurrent_bias))
 
 
+def _lstm(x, kernel, bias, recurrent_kernel, sequences: bool):
+    """Keras's LSTM (gates i, f, c, o) from zero states on x, (batch, steps, features). Returns the states (or the
+    last) and the last carry."""
+
+    @tf.custom_gradient
+    def run(x, kernel, bias, recurrent_kernel):
+        xs, xw = _inputs(x, kernel, bias)
+        hs, cs, saved = [], [], []
+        for step in xw:
+            z = step if not hs else step + tf.matmul(hs[-1], recurrent_kernel)
+            zi, zf, zg, zo = tf.split(z, 4, axis=1)
+            i, f, g, o = tf.sigmoid(zi), tf.sigmoid(zf), tf.tanh(zg), tf.sigmoid(zo)
+            c = i * g if not cs else f * cs[-1] + i * g
+            tc = tf.tanh(c)
+            hs.append(o * tc)
+            cs.append(c)
+            saved.append((i, f, g, o, tc))
+        out = tf.stack(hs) if sequences else hs[-1]
+
+        def grad(dy, dcarry):
+            dys = _step_gradients(dy, len(hs), sequences)
+            dz, drecurrent = [None] * len(hs), []
+            dh, dc = None, dcarry
+            for t in reversed(range(len(hs))):
+                i, f, g, o, tc = saved[t]
+                dh = _add(dh, dys[t])
+                dc = _add(dc, tf.raw_ops.TanhGrad(y=tc, dy=dh * o))
+                df = tf.raw_ops.SigmoidGrad(y=f, dy=dc * cs[t - 1]) if t else tf.zeros_like(f)
+                dz[t] = tf.concat([tf.raw_ops.SigmoidGrad(y=i, dy=dc * g), df, tf.raw_ops.TanhGrad(y=g, dy=dc * i),
+                                   tf.raw_ops.SigmoidGrad(y=o, dy=dh * tc)], 1)  # fmt: skip
+                if t:
+                    dh = tf.matmul(dz[t], recurrent_kernel, transpose_b=True)
+                    dc = dc * f
+                    drecurrent.append(_kernel_gradient(hs[t - 1], dz[t]))
+            return (*_input_gradients(xs, dz, kernel, bias), _sum(drecurrent, recurrent_kernel))
+
+        return (out, cs[-1]), grad
+
+    return run(x, *_weights(kernel, bias, recurrent_kernel))
+
+
 def _covered(layer, mask) -> bool:
     cell = layer.cell
     return (
@@ -183,9 +225,10 @@ def _covered(layer, mask) -> bool:
 
 
 class _Fused:
-    """What the two layers share: the choice of path, and the input dropout as Keras's cell applies it."""
+    """What the three layers share: the choice of path, and the input dropout as Keras's cell applies it."""
 
     _zero_start = False
+    fused = True  # training runs the fused recurrence where `_covered`; LSTM's layer only once chosen (below)
 
     def call(self, sequences, initial_state=None, mask=None, training=False):
         self._zero_start = initial_state is None  # the fused recurrences start from zero states
@@ -194,7 +237,7 @@ class _Fused:
     def inner_loop(self, sequences, initial_state, mask, training=False):
         # Inference (evaluation, prediction, attacks) keeps Keras's loop: a rolled loop traces faster, and in batches
         # of 2,048 images a step's ops are large enough that fewer of them gain nothing.
-        if not (training and _covered(self, mask)):
+        if not (training and self.fused and _covered(self, mask)):
             return super().inner_loop(sequences, initial_state, mask, training)
         if self.cell.dropout:
             mask = self.cell.get_dropout_mask(sequences[:, 0, :])  # the cell's own mask, drawn by RNN.call
@@ -224,3 +267,18 @@ class GRU(_Fused, keras.layers.GRU):
         else:
             input_bias = recurrent_bias = tf.zeros((3 * cell.units,), cell.recurrent_kernel.dtype)
         return _gru(x, cell.kernel, input_bias, cell.recurrent_kernel, recurrent_bias, self.return_sequences), []
+
+
+@keras.saving.register_keras_serializable(package="tuner")
+class LSTM(_Fused, keras.layers.LSTM):
+    __doc__ = keras.layers.LSTM.__doc__
+
+    # Keras's loop until `tuner.models.choose_steps_per_execution` turns the fused recurrence on, for a model whose
+    # trials are long enough to loop over steps: its train step traces 0.2-0.5 s longer than Keras's, and with it
+    # on in every model, small searches (1,000 images) ran 0.96x as fast (BENCHMARKS.md, the twentieth round).
+    fused = False
+
+    def _recurrence(self, x, cell):
+        bias = cell.bias if cell.use_bias else tf.zeros((4 * cell.units,), cell.kernel.dtype)
+        out, carry = _lstm(x, cell.kernel, bias, cell.recurrent_kernel, self.return_sequences)
+        return out, [carry]
