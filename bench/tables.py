@@ -293,7 +293,7 @@ def storage(d: dict) -> str:
 # eleventh and ninth rounds' checks of the default, the eighth round's default, then the fourth and fifth rounds'
 # default (steps counted in epochs trained), the median pruner, the earlier default (Keras's 0-based epoch index as
 # the step) and its experiments
-PRUNING = ("pruning_round19_seed3", "pruning_round19_seed3_always8",
+PRUNING = ("pruning_round20_seed3", "pruning_round19_seed3", "pruning_round19_seed3_always8",
            "pruning_round18_seed3", "pruning_round18_seed4", "pruning_round18_seed0", "pruning_round18_seed1",
            "pruning_round18_seed2",
            "pruning_round16_seed0", "pruning_round16_seed1", "pruning_round16_seed2", "pruning_round16_seed0_before",
@@ -315,7 +315,10 @@ PRUNING = ("pruning_round19_seed3", "pruning_round19_seed3_always8",
 
 
 # every results file, newest round first, with the function that prints its table
-RESULTS = (("train_speed_goal_round20", train_speed), ("trial_overhead_round20", trial_overhead),
+RESULTS = (("ab_paths_round20_final", ab_paths), ("train_speed_goal_round20_lstm", train_speed), ("trial_overhead_round20_lstm", trial_overhead),
+           ("ab_paths_round20_lstm_gated", ab_paths), ("ab_paths_round20_unfused", ab_paths),
+           ("ab_paths_round20_unfused_b", ab_paths),
+           ("train_speed_goal_round20", train_speed), ("trial_overhead_round20", trial_overhead),
            ("storage_round20", storage), ("train_speed_onednn_round20", train_speed),
            ("fused_rnn_lstm_round20", fused_rnn), ("step_profile_lstm_round20", step_profile),
            ("ab_paths_round20", ab_paths), ("ab_paths_round20_lstm", ab_paths),
