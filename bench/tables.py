@@ -315,11 +315,11 @@ PRUNING = ("pruning_round20_seed3", "pruning_round19_seed3", "pruning_round19_se
 
 
 # every results file, newest round first, with the function that prints its table
-RESULTS = (("ab_paths_round20_final", ab_paths), ("train_speed_goal_round20_lstm", train_speed),
-           ("trial_overhead_round20_lstm", trial_overhead),
+RESULTS = (("ab_paths_round20_final", ab_paths), ("train_speed_goal_round20", train_speed),
+           ("trial_overhead_round20", trial_overhead),
            ("ab_paths_round20_lstm_gated", ab_paths), ("ab_paths_round20_unfused", ab_paths),
            ("ab_paths_round20_unfused_b", ab_paths),
-           ("train_speed_goal_round20", train_speed), ("trial_overhead_round20", trial_overhead),
+           ("train_speed_goal_round20_before", train_speed), ("trial_overhead_round20_before", trial_overhead),
            ("storage_round20", storage), ("train_speed_onednn_round20", train_speed),
            ("fused_rnn_lstm_round20", fused_rnn), ("step_profile_lstm_round20", step_profile),
            ("ab_paths_round20", ab_paths), ("ab_paths_round20_lstm", ab_paths),
