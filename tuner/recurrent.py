@@ -13,7 +13,7 @@ makes three more products (the state's gradient and both weight gradients), each
 LSTM joined in the twentieth round (BENCHMARKS.md), for models whose trials loop over steps (`LSTM.fused`): on
 earlier machines this treatment of it trained no faster (0.90-1.05x an epoch on the seventh, 1.01x on the
 eighteenth) and traced its train step 0.3-0.4 s longer; on the twentieth (an Intel Xeon with AMX), where Keras's
-28 per-step input products of LSTM-100 (128 x 28 by 28 x 400) took a fifth of a step's op time
+28 per-step input products of LSTM-100 (128 x 28 by 28 x 400) took a sixth of a step's op time
 (`bench/step_profile.py`), full-data LSTM-100/128 epochs trained 1.10x and 1.16x faster in two alternating runs.
 
 The layers are subclasses that differ from Keras's only in `inner_loop`, and only in training: the same weights,
@@ -274,7 +274,7 @@ class LSTM(_Fused, keras.layers.LSTM):
     __doc__ = keras.layers.LSTM.__doc__
 
     # Keras's loop until `tuner.models.choose_steps_per_execution` turns the fused recurrence on, for a model whose
-    # trials are long enough to loop over steps: its train step traces 0.2-0.5 s longer than Keras's, and with it
+    # trials are long enough to loop over steps: its train step traces 0.4-0.5 s longer than Keras's, and with it
     # on in every model, small searches (1,000 images) ran 0.96x as fast (BENCHMARKS.md, the twentieth round).
     fused = False
 
