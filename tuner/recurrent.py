@@ -14,7 +14,7 @@ LSTM joined in the twentieth round (BENCHMARKS.md), for models whose trials loop
 earlier machines this treatment of it trained no faster (0.90-1.05x an epoch on the seventh, 1.01x on the
 eighteenth) and traced its train step 0.3-0.4 s longer; on the twentieth (an Intel Xeon with AMX), where Keras's
 28 per-step input products of LSTM-100 (128 x 28 by 28 x 400) took a sixth of a step's op time
-(`bench/step_profile.py`), full-data LSTM-100/128 epochs trained 1.10x and 1.16x faster in two alternating runs.
+(`bench/step_profile.py`), full-data LSTM-100/128 epochs trained 1.10-1.19x faster in four alternating runs.
 
 The layers are subclasses that differ from Keras's only in `inner_loop`, and only in training: the same weights,
 initial values, dropout masks (the cell's own, drawn as Keras draws them) and serialisation, the same function
