@@ -315,8 +315,8 @@ PRUNING = ("pruning_round20_seed3", "pruning_round19_seed3", "pruning_round19_se
 
 
 # every results file, newest round first, with the function that prints its table
-RESULTS = (("ab_paths_round20_final", ab_paths), ("train_speed_goal_round20", train_speed),
-           ("trial_overhead_round20", trial_overhead),
+RESULTS = (("vs_kerastuner_round20", vs_kerastuner), ("ab_paths_round20_final", ab_paths),
+           ("train_speed_goal_round20", train_speed), ("trial_overhead_round20", trial_overhead),
            ("ab_paths_round20_lstm_gated", ab_paths), ("ab_paths_round20_unfused", ab_paths),
            ("ab_paths_round20_unfused_b", ab_paths),
            ("train_speed_goal_round20_before", train_speed), ("trial_overhead_round20_before", trial_overhead),
