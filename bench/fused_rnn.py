@@ -15,6 +15,9 @@ batches), the median epoch and its ratio to goal 1's floor, the per-round speed-
 accuracy: all but the bound compute the same function from the same weights and batches, so their figures
 should agree to float rounding.
 
+tuner's LSTM takes its layer only in a model whose trials loop over steps
+(`tuner.models.choose_steps_per_execution`, here as for a 5-epoch trial on `--n` images:
+`benchlib.as_in_a_trial`); at `--quick`'s 5,984 images it runs Keras's loop, so its two sides are the same layer.
 Until the twentieth round tuner trained LSTM with Keras's layer, and this script measured tuner.recurrent's
 treatment of it as a lever (`stepwise`: the `stepwise_*` figures of the files up to `fused_rnn_lstm_round20`).
 """
